@@ -1,0 +1,498 @@
+"""The per-layer approximation space: weight-only quantization and L1 pruning of a classifier ``f``.
+
+An :class:`ApproximationConfig` maps compressible layers (``nn.Conv2d`` and ``nn.Linear``, addressed by their
+qualified names from ``named_modules()``) to a :class:`LayerChoice` — a precision in :data:`PRECISIONS` and a
+within-layer L1 pruning amount in [0, 1) — plus an optional *global* L1 pruning amount across all of the config's
+layers.  Layers that the config does not name are left exactly as they are; only weights change (biases, BatchNorm
+and every other tensor stay fp32).
+
+Pruning (applied first).  Pruning an amount ``a`` of a tensor of ``n`` weights zeroes exactly ``round(a * n)`` of
+them (Python's ``round``, half to even, as ``torch.nn.utils.prune``): those of smallest ``|w|``, ties broken by
+flattened (C-order) position, earliest first.  Global pruning ranks the weights of all the config's layers together
+(concatenated in config order) and zeroes exactly ``round(a * N)`` of the ``N``, i.e. one threshold on ``|w|``.
+Global and per-layer pruning are mutually exclusive in one config.
+
+Quantization (applied to the kept weights; pruned zeros stay zero).
+
+* ``fp16`` / ``bf16``: round to nearest (even) in that dtype; the value computed with is that number in fp32.
+* ``int8`` / ``int4``: per-output-channel (dim 0) symmetric: ``s_c = max_c |w| / qmax`` (``qmax`` = 127 / 7),
+  ``q = clamp(round(w / s_c), -qmax, qmax)`` (round half to even), value ``q * s_c`` in fp32.  An all-zero channel
+  gets ``s_c = 1`` and ``q = 0``.
+
+The compressed weights are explicit arrays (:func:`compress_layer`), and :func:`apply_approximation` builds ``f^p``
+by decompressing exactly those arrays, so ``f^p`` is the function that an export of them ships.  Computation stays
+in fp32.  Layout of one layer's arrays (``n`` weights, ``k`` kept, ``C`` output channels, all flattened in C order):
+
+=========  ==========================================================  ==============
+key        contents                                                    present
+=========  ==========================================================  ==============
+values     fp32: float32; fp16: float16; bf16: uint16 (bit patterns);  always
+           int8: int8; int4: uint8, two per byte (element ``2i`` in
+           the low nibble, ``2i+1`` in the high one, two's complement;
+           an odd count leaves the last high nibble 0)
+scale      float32 ``(C,)``, one per output channel                    int8, int4
+mask       ``np.packbits`` of the kept positions (``n`` bits, 1=kept)  sparse only
+=========  ==========================================================  ==============
+
+Dense encoding stores all ``n`` values (pruned ones as 0); sparse stores ``mask`` and only the ``k`` kept values.
+A pruned layer uses sparse when that is strictly smaller, dense otherwise; an unpruned layer is always dense.  The
+precision is read back from the dtype of ``values``.
+
+Model size (the exact formula; integer buffers such as BatchNorm's ``num_batches_tracked`` are not counted, since
+inference does not use them)::
+
+    size(f^p) = sum over the config's layers l of  sum(a.nbytes for a in compress_layer(W_l, choice_l, mask_l))
+              + 4 * (number of elements of every other floating-point tensor in f's state dict)
+
+    bytes(l)  = min(dense, sparse) if l is pruned else dense,  dense = V(n),  sparse = ceil(n / 8) + V(k)
+    V(m)      = 4m (fp32), 2m (fp16, bf16), m + 4C (int8), ceil(m / 2) + 4C (int4)
+
+``fp32_size_bytes(f)`` is 4 bytes per element of every floating-point state-dict tensor (the all-fp32, unpruned
+config's size), and ``size_ratio = size(f^p) / fp32_size_bytes(f)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import fnmatch
+import math
+import numbers
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "COMPRESSIBLE_TYPES",
+    "PRECISIONS",
+    "PRESETS",
+    "ApproximationConfig",
+    "ApproximationError",
+    "LayerChoice",
+    "apply_approximation",
+    "compress_layer",
+    "compress_model",
+    "compressible_layers",
+    "decompress_layer",
+    "fp32_size_bytes",
+    "global_l1_masks",
+    "l1_mask",
+    "model_size_bytes",
+    "preset",
+    "pruning_masks",
+    "size_ratio",
+]
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
+COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+
+_QMAX = {"int8": 127, "int4": 7}
+_VALUE_DTYPES = {
+    "fp32": np.dtype(np.float32),
+    "fp16": np.dtype(np.float16),
+    "bf16": np.dtype(np.uint16),
+    "int8": np.dtype(np.int8),
+    "int4": np.dtype(np.uint8),
+}
+_PRECISION_OF_DTYPE = {dtype: precision for precision, dtype in _VALUE_DTYPES.items()}
+_PACKED_KEYS = ("values", "scale", "mask")
+
+Packed = dict[str, np.ndarray]
+
+
+class ApproximationError(ValueError):
+    """An approximation config, layer selection or packed layer that does not fit (with the valid choices)."""
+
+
+def _choices(names: Iterable[str], limit: int = 40) -> str:
+    names = list(names)
+    if not names:
+        return "(none)"
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(repr(n) for n in names[:limit]) + more
+
+
+def _suggest(word: str, valid: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ----------------------------------------------------------------------------------------------------- selection
+
+
+def compressible_layers(
+    model: nn.Module, include: list[str] | None = None, exclude: list[str] | None = None
+) -> list[str]:
+    """Qualified names of ``model``'s ``nn.Conv2d``/``nn.Linear`` modules (subclasses too), in module order.
+
+    ``include`` keeps only layers matching at least one glob pattern (``fnmatch``, case-sensitive; ``*`` also matches
+    dots); ``None`` or ``[]`` keeps all.  ``exclude`` then drops layers matching any of its patterns.  Every pattern
+    must match at least one compressible layer.
+    """
+    names = [name for name, module in model.named_modules() if isinstance(module, COMPRESSIBLE_TYPES)]
+    for kind, patterns in (("include", include), ("exclude", exclude)):
+        for pattern in patterns or ():
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                raise ApproximationError(
+                    f"{kind} pattern {pattern!r} matches no compressible layer; the layers are {_choices(names)}"
+                )
+    if include:
+        names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in include)]
+    if exclude:
+        names = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+    return names
+
+
+# ------------------------------------------------------------------------------------------------------- configs
+
+
+def _check_amount(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) < 1.0:
+        raise ApproximationError(f"{what} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """How one layer is approximated: weight precision (one of :data:`PRECISIONS`) and L1 pruning amount in [0, 1)."""
+
+    precision: str = "fp32"
+    prune: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ApproximationError(
+                f"unknown precision {self.precision!r}{_suggest(str(self.precision).lower(), PRECISIONS)}; "
+                f"choose one of {', '.join(PRECISIONS)}"
+            )
+        object.__setattr__(self, "prune", _check_amount(self.prune, "prune"))
+
+    def __str__(self) -> str:
+        return self.precision + (f"/p{self.prune:g}" if self.prune else "")
+
+
+@dataclass(frozen=True)
+class ApproximationConfig:
+    """Per-layer choices (layers not named are left untouched) and a global L1 pruning amount over those layers.
+
+    ``global_prune > 0`` ranks the weights of all of ``layers`` together; it excludes per-layer pruning.
+    """
+
+    layers: dict[str, LayerChoice] = field(default_factory=dict)
+    global_prune: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layers, Mapping):
+            raise ApproximationError(f"layers must map layer names to LayerChoice, got {type(self.layers).__name__}")
+        for name, choice in self.layers.items():
+            if not isinstance(name, str) or not isinstance(choice, LayerChoice):
+                raise ApproximationError(f"layer {name!r}: expected a str name and a LayerChoice, got {choice!r}")
+        object.__setattr__(self, "layers", dict(self.layers))
+        object.__setattr__(self, "global_prune", _check_amount(self.global_prune, "global_prune"))
+        if self.global_prune:
+            pruned = [name for name, choice in self.layers.items() if choice.prune]
+            if pruned:
+                raise ApproximationError(
+                    f"global_prune={self.global_prune:g} excludes per-layer pruning, but {_choices(pruned)} set prune"
+                )
+
+    def __hash__(self) -> int:
+        return hash((tuple(self.layers.items()), self.global_prune))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types: ``{"layers": {name: {"precision", "prune"}}, "global_prune"}``, layers in config order."""
+        return {
+            "layers": {name: {"precision": c.precision, "prune": c.prune} for name, c in self.layers.items()},
+            "global_prune": self.global_prune,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ApproximationConfig:
+        """Inverse of :meth:`to_dict`; a missing ``precision``/``prune``/``global_prune`` takes its default."""
+        if not isinstance(data, Mapping):
+            raise ApproximationError(f"an approximation config is a mapping, got {type(data).__name__}")
+        _check_keys(data, ("layers", "global_prune"), "approximation config")
+        layers_data = data.get("layers", {})
+        if not isinstance(layers_data, Mapping):
+            raise ApproximationError(f"'layers' must map layer names to choices, got {type(layers_data).__name__}")
+        layers = {}
+        for name, choice in layers_data.items():
+            if not isinstance(choice, Mapping):
+                raise ApproximationError(f"layer {name!r}: a choice is a mapping with precision/prune, got {choice!r}")
+            _check_keys(choice, ("precision", "prune"), f"layer {name!r}")
+            try:
+                layers[name] = LayerChoice(**choice)
+            except ApproximationError as exc:
+                raise ApproximationError(f"layer {name!r}: {exc}") from None
+        return cls(layers, data.get("global_prune", 0.0))
+
+    def validate(self, model: nn.Module) -> None:
+        """Raise :class:`ApproximationError` unless every named layer is a compressible layer of ``model``."""
+        valid = compressible_layers(model)
+        valid_set = set(valid)
+        for name in self.layers:
+            if name not in valid_set:
+                raise ApproximationError(
+                    f"unknown layer {name!r}{_suggest(name, valid)}; the compressible layers are {_choices(valid)}"
+                )
+
+    def summary(self) -> str:
+        """Short human description, e.g. ``"conv1 int8, conv2 int4/p0.2, fc1 fp16, fc2 fp32"``."""
+        text = ", ".join(f"{name} {choice}" for name, choice in self.layers.items()) or "(no layers)"
+        return text + (f"; global prune {self.global_prune:g}" if self.global_prune else "")
+
+
+def _check_keys(data: Mapping[str, Any], valid: tuple[str, ...], what: str) -> None:
+    for key in data:
+        if key not in valid:
+            raise ApproximationError(
+                f"{what}: unknown key {key!r}{_suggest(str(key), valid)}; valid keys: {', '.join(valid)}"
+            )
+
+
+PRESETS: dict[str, LayerChoice] = {
+    "fp32": LayerChoice("fp32"),
+    "fp16": LayerChoice("fp16"),
+    "bf16": LayerChoice("bf16"),
+    "int8": LayerChoice("int8"),
+    "prune5": LayerChoice("fp32", 0.05),
+    "prune10": LayerChoice("fp32", 0.10),
+    "prune20": LayerChoice("fp32", 0.20),
+}
+"""The uniform approximations of the IRS paper: one choice for every layer."""
+
+
+def preset(
+    name: str, model: nn.Module, layers: list[str] | None = None, *, global_pruning: bool = False
+) -> ApproximationConfig:
+    """The uniform config ``name`` (a key of :data:`PRESETS`) over ``layers`` (default: all compressible layers).
+
+    With ``global_pruning`` a pruning preset prunes its amount globally across the layers instead of per layer.
+    """
+    if name not in PRESETS:
+        raise ApproximationError(
+            f"unknown preset {name!r}{_suggest(name, PRESETS)}; choose one of {', '.join(PRESETS)}"
+        )
+    choice = PRESETS[name]
+    names = compressible_layers(model) if layers is None else list(layers)
+    if global_pruning and choice.prune:
+        config = ApproximationConfig(dict.fromkeys(names, LayerChoice(choice.precision)), choice.prune)
+    else:
+        config = ApproximationConfig(dict.fromkeys(names, choice))
+    config.validate(model)
+    return config
+
+
+# ------------------------------------------------------------------------------------------------------- pruning
+
+
+def l1_mask(weight: torch.Tensor, amount: float) -> torch.Tensor:
+    """Boolean keep-mask zeroing exactly ``round(amount * numel)`` smallest-``|w|`` entries (ties: earliest first)."""
+    amount = _check_amount(amount, "prune")
+    flat = weight.detach().reshape(-1)
+    mask = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+    k = round(amount * flat.numel())
+    if k:
+        mask[torch.argsort(flat.abs(), stable=True)[:k]] = False
+    return mask.reshape(weight.shape)
+
+
+def global_l1_masks(weights: Mapping[str, torch.Tensor], amount: float) -> dict[str, torch.Tensor]:
+    """Keep-masks zeroing exactly ``round(amount * N)`` of all ``N`` weights together, one threshold on ``|w|``.
+
+    Ties are broken by position in the concatenation of the flattened weights in ``weights``' order.
+    """
+    amount = _check_amount(amount, "global_prune")
+    flats = [w.detach().reshape(-1).to("cpu", torch.float32) for w in weights.values()]
+    if not flats:
+        return {}
+    everything = torch.cat(flats)
+    keep = torch.ones(everything.numel(), dtype=torch.bool)
+    k = round(amount * everything.numel())
+    if k:
+        keep[torch.argsort(everything.abs(), stable=True)[:k]] = False
+    parts = keep.split([f.numel() for f in flats])
+    return {name: part.reshape(w.shape) for (name, w), part in zip(weights.items(), parts, strict=True)}
+
+
+def pruning_masks(model: nn.Module, config: ApproximationConfig) -> dict[str, torch.Tensor | None]:
+    """The keep-mask of every layer of ``config`` (``None`` where the layer is not pruned)."""
+    weights = {name: model.get_submodule(name).weight for name in config.layers}
+    if config.global_prune:
+        return dict(global_l1_masks(weights, config.global_prune))
+    return {
+        name: l1_mask(weights[name], choice.prune) if choice.prune else None for name, choice in config.layers.items()
+    }
+
+
+# ----------------------------------------------------------------------------------------------- packed layers
+
+
+def _pack_int4(q: np.ndarray) -> np.ndarray:
+    nibbles = q.astype(np.uint8) & 0x0F  # two's complement low nibble
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return nibbles[0::2] | (nibbles[1::2] << 4)
+
+
+def _unpack_int4(packed: np.ndarray, count: int) -> np.ndarray:
+    if packed.size != -(-count // 2):
+        raise ApproximationError(f"int4 values: {packed.size} bytes cannot hold exactly {count} values")
+    nibbles = np.empty(2 * packed.size, dtype=np.uint8)
+    nibbles[0::2] = packed & 0x0F
+    nibbles[1::2] = packed >> 4
+    return (nibbles[:count] ^ 8).astype(np.int8) - np.int8(8)
+
+
+def _encode(values: torch.Tensor, precision: str) -> np.ndarray:
+    """Flat values (fp32, or int8 codes for int8/int4) as the stored array."""
+    if precision in ("fp32", "int8"):
+        return values.numpy()
+    if precision == "fp16":
+        return values.to(torch.float16).numpy()
+    if precision == "bf16":
+        return values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return _pack_int4(values.numpy())
+
+
+def compress_layer(weight: torch.Tensor, choice: LayerChoice, mask: torch.Tensor | None = None) -> Packed:
+    """The stored arrays of one weight tensor (layout in the module docstring).
+
+    ``mask`` is a boolean keep-mask of ``weight``'s shape (``True`` = kept); masked-out weights become exact zeros
+    before quantization, and the per-channel int scales are taken over the kept weights.
+    """
+    w = weight.detach().to("cpu", torch.float32, copy=True)
+    if mask is not None:
+        if mask.dtype != torch.bool or tuple(mask.shape) != tuple(w.shape):
+            raise ApproximationError(
+                f"mask must be a bool tensor of the weight's shape {tuple(w.shape)}, "
+                f"got {mask.dtype} of shape {tuple(mask.shape)}"
+            )
+        mask = mask.to("cpu")
+        w = torch.where(mask, w, torch.zeros((), dtype=torch.float32))
+    arrays: Packed = {}
+    precision = choice.precision
+    if precision in _QMAX:
+        qmax = _QMAX[precision]
+        channels = w.flatten(1) if w.dim() > 1 else w.reshape(-1, 1)
+        amax = channels.abs().amax(dim=1) if channels.shape[1] else channels.new_zeros(channels.shape[0])
+        scale = torch.where(amax > 0, amax / qmax, torch.ones((), dtype=torch.float32))
+        values = torch.round(channels / scale[:, None]).clamp_(-qmax, qmax).to(torch.int8).reshape(-1)
+        arrays["scale"] = scale.numpy()
+    else:
+        values = w.reshape(-1)
+        if precision in ("fp16", "bf16"):
+            rounded = values.to(torch.float16 if precision == "fp16" else torch.bfloat16)
+            if bool(torch.isinf(rounded).any()) and not bool(torch.isinf(values).any()):
+                raise ApproximationError(f"weights up to {values.abs().max().item():g} overflow {precision}")
+    dense = _encode(values, precision)
+    if mask is not None:
+        keep = mask.reshape(-1)
+        kept = _encode(values[keep], precision)
+        packed_mask = np.packbits(keep.numpy())
+        if packed_mask.nbytes + kept.nbytes < dense.nbytes:
+            arrays.update(values=kept, mask=packed_mask)
+            return arrays
+    arrays["values"] = dense
+    return arrays
+
+
+def decompress_layer(packed: Mapping[str, np.ndarray], shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """The fp32 weight tensor of shape ``shape`` that ``packed`` (from :func:`compress_layer`) stores."""
+    shape = tuple(int(s) for s in shape)
+    n = math.prod(shape)
+    _check_keys(packed, _PACKED_KEYS, "packed layer")
+    if "values" not in packed:
+        raise ApproximationError("packed layer: missing 'values'")
+    values = np.asarray(packed["values"]).reshape(-1)
+    precision = _PRECISION_OF_DTYPE.get(values.dtype)
+    if precision is None:
+        raise ApproximationError(f"packed layer: 'values' has dtype {values.dtype}, not one of the stored dtypes")
+    keep = None
+    if "mask" in packed:
+        bits = np.asarray(packed["mask"], dtype=np.uint8).reshape(-1)
+        if bits.size != -(-n // 8):
+            raise ApproximationError(f"packed layer: mask of {bits.size} bytes does not fit {n} weights")
+        keep = np.unpackbits(bits, count=n).astype(bool)
+    count = n if keep is None else int(keep.sum())
+    if precision == "int4":
+        decoded = _unpack_int4(values, count)
+    elif precision == "bf16":
+        decoded = (values.astype(np.uint32) << 16).view(np.float32)
+    else:
+        decoded = values
+    if decoded.size != count:
+        raise ApproximationError(f"packed layer: {decoded.size} {precision} values where {count} are expected")
+    if keep is None:
+        flat = decoded.copy()
+    else:
+        flat = np.zeros(n, dtype=decoded.dtype)
+        flat[keep] = decoded
+    if precision in _QMAX:
+        if "scale" not in packed:
+            raise ApproximationError(f"packed layer: {precision} values need a 'scale' array")
+        scale = np.asarray(packed["scale"], dtype=np.float32).reshape(-1)
+        rows = shape[0] if shape else 1
+        if scale.size != rows:
+            raise ApproximationError(f"packed layer: {scale.size} scales for {rows} output channels")
+        out = flat.reshape(rows, n // rows if rows else 0).astype(np.float32) * scale[:, None]
+    elif "scale" in packed:
+        raise ApproximationError(f"packed layer: {precision} values take no 'scale' array")
+    else:
+        out = flat.astype(np.float32, copy=False)
+    return torch.from_numpy(np.ascontiguousarray(out).reshape(shape))
+
+
+# --------------------------------------------------------------------------------------------------------- models
+
+
+def compress_model(model: nn.Module, config: ApproximationConfig) -> dict[str, Packed]:
+    """The stored arrays of every layer of ``config`` (pruning, then quantization), in config order."""
+    config.validate(model)
+    masks = pruning_masks(model, config)
+    return {
+        name: compress_layer(model.get_submodule(name).weight, choice, masks[name])
+        for name, choice in config.layers.items()
+    }
+
+
+def apply_approximation(model: nn.Module, config: ApproximationConfig) -> nn.Module:
+    """A copy of ``model`` whose config layers compute with the decompressed arrays of :func:`compress_model`.
+
+    ``model`` is not modified; no pruning hooks or masks are attached; parameters keep their dtype and device.
+    """
+    packed = compress_model(model, config)
+    approx = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, arrays in packed.items():
+            weight = approx.get_submodule(name).weight
+            weight.copy_(decompress_layer(arrays, weight.shape))
+    return approx
+
+
+def _floating_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if torch.is_floating_point(v)}
+
+
+def fp32_size_bytes(model: nn.Module) -> int:
+    """4 bytes per element of every floating-point tensor of ``model``'s state dict."""
+    return 4 * sum(t.numel() for t in _floating_state(model).values())
+
+
+def model_size_bytes(model: nn.Module, config: ApproximationConfig, packed: dict[str, Packed] | None = None) -> int:
+    """Bytes of ``f^p`` by the formula of the module docstring; ``packed`` reuses a :func:`compress_model` result."""
+    if packed is None:
+        packed = compress_model(model, config)
+    weight_keys = {f"{name}.weight" if name else "weight" for name in packed}
+    layers = sum(a.nbytes for arrays in packed.values() for a in arrays.values())
+    others = sum(t.numel() for key, t in _floating_state(model).items() if key not in weight_keys)
+    return int(layers + 4 * others)
+
+
+def size_ratio(model: nn.Module, config: ApproximationConfig, packed: dict[str, Packed] | None = None) -> float:
+    """``model_size_bytes / fp32_size_bytes``: 1 for the all-fp32 unpruned config, about 0.25 for int8."""
+    return model_size_bytes(model, config, packed) / fp32_size_bytes(model)

@@ -1,0 +1,257 @@
+"""Study files: TOML in ``studies/``, read with :mod:`tomllib` and checked key by key.
+
+Every section and key, its type, default and meaning is listed in the README ("Study file reference").  Relative
+paths are resolved against the directory approxtune is run from.  Any problem — malformed TOML, an unknown key (the
+closest valid one is suggested), a wrong type, a value out of range — raises :class:`ConfigError` naming the file,
+the key and the fix; the command line turns it into a one-line error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from approxtune.irs import IRSSettings, Mode
+
+__all__ = ["ConfigError", "Study", "load_study"]
+
+
+class ConfigError(ValueError):
+    """A study file that cannot be used as it is."""
+
+
+@dataclass(frozen=True)
+class StudySection:
+    name: str = ""
+    """Optuna study name (default: the study file's stem)."""
+    output_dir: str = ""
+    """Where checkpoints, caches, the study database and plots go (default: runs/<study file stem>)."""
+    seed: int = 0
+    """Seed of everything random: training, noise, sampler."""
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    arch: str = "digits-cnn"
+    checkpoint: str = ""
+    """Checkpoint file (default: <output_dir>/model.pt; trained by `approxtune train` for digits-cnn)."""
+
+
+@dataclass(frozen=True)
+class DataSection:
+    dataset: str = "digits"
+    root: str = ""
+    """Folder or file of a real dataset (not used for digits)."""
+    split_seed: int = 0
+    search_inputs: int = 200
+    report_inputs: int = 200
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 0.003
+
+
+@dataclass(frozen=True)
+class CertifySection:
+    sigma: float = 0.5
+    n0: int = 64
+    n: int = 2000
+    alpha: float = 0.001
+    batch_size: int = 512
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda."""
+
+
+@dataclass(frozen=True)
+class IRSSection:
+    n_p: int = 400
+    mode: str = "max"
+    alpha_zeta: float = 0.0005
+    alpha_d: float = 0.0005
+    gamma: float = 0.99
+
+
+@dataclass(frozen=True)
+class ConstraintsSection:
+    max_accuracy_drop: float = 1.0
+    """Largest clean-accuracy drop from the fp32 model a feasible trial may have (fraction, 0..1)."""
+    max_size_ratio: float = 1.0
+    """Largest model size, as a fraction of the fp32 size, a feasible trial may have."""
+
+
+@dataclass(frozen=True)
+class SearchSection:
+    trials: int = 40
+    timeout: float = 0.0
+    """Seconds; 0 means no time budget."""
+    sampler: str = "nsga2"
+    precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "bf16", "int8", "int4"])
+    prune: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.5])
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    baselines: bool = True
+    storage: str = ""
+    """Optuna storage URL (default: sqlite:///<output_dir>/study.db)."""
+    constraints: ConstraintsSection = field(default_factory=ConstraintsSection)
+
+
+SECTIONS: dict[str, type] = {
+    "study": StudySection,
+    "model": ModelSection,
+    "data": DataSection,
+    "train": TrainSection,
+    "certify": CertifySection,
+    "irs": IRSSection,
+    "search": SearchSection,
+}
+DATASETS = ("digits", "cifar10", "imagefolder", "tensors")
+SAMPLERS = ("nsga2", "tpe", "random")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Study:
+    """A validated study file."""
+
+    path: Path
+    study: StudySection
+    model: ModelSection
+    data: DataSection
+    train: TrainSection
+    certify: CertifySection
+    irs: IRSSection
+    search: SearchSection
+
+    @property
+    def name(self) -> str:
+        return self.study.name or self.path.stem
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.study.output_dir or Path("runs") / self.path.stem)
+
+    @property
+    def checkpoint(self) -> Path:
+        return Path(self.model.checkpoint) if self.model.checkpoint else self.output_dir / "model.pt"
+
+    @property
+    def storage(self) -> str:
+        return self.search.storage or f"sqlite:///{self.output_dir / 'study.db'}"
+
+    def cache_path(self, split: str) -> Path:
+        """Base cache of the ``search`` or ``report`` inputs."""
+        c = self.certify
+        return self.output_dir / f"base-{split}-sigma{c.sigma:g}-n{c.n}.cache"
+
+    @property
+    def irs_settings(self) -> IRSSettings:
+        i = self.irs
+        return IRSSettings(n_p=i.n_p, alpha_zeta=i.alpha_zeta, alpha_d=i.alpha_d, mode=Mode(i.mode), gamma=i.gamma)
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _coerce(where: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list of {_type_name(item)}s, got {value!r}")
+        return [_coerce(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (tp is int and isinstance(value, bool)) or not isinstance(value, tp):
+        raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(known)}"
+            raise ConfigError(f"unknown key {where}.{key}{hint}")
+        tp = hints[key]
+        if isinstance(tp, type) and hasattr(tp, "__dataclass_fields__"):
+            kwargs[key] = _build(tp, value, f"{where}.{key}")
+        else:
+            kwargs[key] = _coerce(f"{where}.{key}", value, tp)
+    return cls(**kwargs)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _choice(where: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where} = {value!r} is not one of {', '.join(choices)}{hint}")
+
+
+def _validate(s: Study) -> None:
+    c, i, d, t, q = s.certify, s.irs, s.data, s.train, s.search
+    _require(c.sigma > 0, f"certify.sigma must be positive, got {c.sigma}")
+    _require(0 < c.alpha < 0.5, f"certify.alpha must lie in (0, 0.5), got {c.alpha}")
+    _require(c.n0 >= 1 and c.n >= 1, f"certify.n0 and certify.n must be at least 1, got {c.n0} and {c.n}")
+    _require(c.batch_size >= 1, f"certify.batch_size must be at least 1, got {c.batch_size}")
+    _choice("certify.device", c.device, DEVICES)
+    _require(1 <= i.n_p <= c.n, f"irs.n_p must lie in [1, certify.n = {c.n}] (IRS replays cached samples), got {i.n_p}")
+    _choice("irs.mode", i.mode, tuple(m.value for m in Mode))
+    for key in ("alpha_zeta", "alpha_d"):
+        value = getattr(i, key)
+        _require(0 < value < 0.5, f"irs.{key} must lie in (0, 0.5), got {value}")
+    _require(0.5 < i.gamma <= 1, f"irs.gamma must lie in (0.5, 1], got {i.gamma}")
+    _choice("data.dataset", d.dataset, DATASETS)
+    _require(d.search_inputs >= 1 and d.report_inputs >= 1, "data.search_inputs and data.report_inputs must be >= 1")
+    _require(d.dataset == "digits" or bool(d.root), f"data.root must name the folder or file of {d.dataset} data")
+    _require(
+        t.epochs >= 1 and t.batch_size >= 1 and t.lr > 0, "train.epochs, train.batch_size and train.lr must be > 0"
+    )
+    _require(q.trials >= 0 and q.timeout >= 0, "search.trials and search.timeout must be >= 0")
+    _choice("search.sampler", q.sampler, SAMPLERS)
+    _require(bool(q.precisions), "search.precisions must name at least one precision")
+    _require(bool(q.prune), "search.prune must list at least one pruning amount (0.0 for none)")
+    _require(all(0 <= p < 1 for p in q.prune), f"search.prune amounts must lie in [0, 1), got {q.prune}")
+    k = q.constraints
+    _require(0 <= k.max_accuracy_drop <= 1, "search.constraints.max_accuracy_drop must lie in [0, 1]")
+    _require(0 < k.max_size_ratio <= 1, "search.constraints.max_size_ratio must lie in (0, 1]")
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and validate a study file; raises :class:`ConfigError` on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file {path} does not exist (the bundled studies are in studies/)")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    for key in data:
+        if key not in SECTIONS:
+            close = difflib.get_close_matches(key, list(SECTIONS), n=1)
+            hint = f"; did you mean [{close[0]}]?" if close else f"; valid sections: {', '.join(SECTIONS)}"
+            raise ConfigError(f"{path}: unknown section [{key}]{hint}")
+    try:
+        sections = {name: _build(cls, data.get(name, {}), name) for name, cls in SECTIONS.items()}
+        study = Study(path=path, **sections)
+        _validate(study)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return study
