@@ -107,7 +107,8 @@ def cmd_certify(args: argparse.Namespace) -> None:
     out.print(table)
     abstained = int(np.sum(cache.p_a <= 0.5))
     out.print(
-        f"Abstained on {abstained} of {len(cache)} inputs; certificates hold with probability >= 1 - {cache.meta.alpha:g}."
+        f"Abstained on {abstained} of {len(cache)} inputs; "
+        f"each certificate holds with probability >= 1 - {cache.meta.alpha:g}."
     )
 
 

@@ -54,6 +54,8 @@ def block_seed(seed: int, stream: int, block: int) -> int:
 
 def blocks(start: int, stop: int, block_size: int) -> Iterator[tuple[int, int, int]]:
     """``(block, lo, hi)`` for every block that meets ``[start, stop)``; ``[lo, hi)`` is the part inside the block."""
+    if start >= stop:
+        return
     for b in range(start // block_size, -(-stop // block_size)):
         lo = max(start, b * block_size) - b * block_size
         hi = min(stop, (b + 1) * block_size) - b * block_size

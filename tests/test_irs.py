@@ -1,0 +1,114 @@
+"""IRS certification against a cache: replay exactness, branch rules, confidence accounting, skipped inputs."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from approxtune.cache import build_base_cache
+from approxtune.data import Inputs
+from approxtune.irs import IRSSettings, Mode, certify_irs, estimate_zeta, replay
+from approxtune.statistics import lower_confidence_bound, radius, upper_confidence_bound
+
+N, N_P, SIGMA, ALPHA = 600, 200, 0.5, 0.001
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(30, 1, 4, 4, generator=g)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[:5] = (y[:5] + 1) % 3  # five inputs whose label g gets wrong
+    inputs = Inputs(x, y, np.arange(30))
+    cache = build_base_cache(
+        model, inputs, tmp_path_factory.mktemp("irs") / "c", sigma=SIGMA, n0=32, n=N, alpha=ALPHA, seed=0
+    )
+    return model, inputs, cache
+
+
+def perturbed(model, scale):
+    p = __import__("copy").deepcopy(model)
+    with torch.no_grad():
+        p[1].weight.add_(scale * torch.randn(p[1].weight.shape, generator=torch.Generator().manual_seed(5)))
+    return p
+
+
+def test_replaying_f_itself_reproduces_the_cached_predictions_exactly(base):
+    model, inputs, cache = base
+    rows = np.arange(len(cache))
+    preds = replay(model, inputs.x, cache, rows, N, batch_size=77)
+    assert np.array_equal(preds, cache.predictions)
+    zeta = estimate_zeta(model, inputs.x, cache, N_P, 0.001)
+    np.testing.assert_allclose(zeta, 1 - 0.001 ** (1 / N_P))  # the zero-disagreement floor
+
+
+def test_irs_of_f_itself(base):
+    model, inputs, cache = base
+    settings = IRSSettings(n_p=N_P, alpha_zeta=0.001, alpha_d=0.001)
+    result = certify_irs(model, inputs.x, cache, settings)
+    ok = cache.certified
+    assert np.array_equal(result.evaluated, ok)
+    assert result.samples == ok.sum() * N_P
+    assert np.all(result.radius[~ok] == 0)
+    assert np.all(result.disagreements == 0)
+    floor = 1 - 0.001 ** (1 / N_P)
+    expected_zeta = radius(cache.p_a[ok] - floor, SIGMA)
+    expected_direct = radius(
+        lower_confidence_bound(cache.predictions[ok, :N_P].__eq__(cache.c_hat[ok, None]).sum(1), N_P, 0.001), SIGMA
+    )
+    np.testing.assert_allclose(result.radius[ok], np.maximum(expected_zeta, expected_direct))
+    assert np.all(result.radius <= cache.certified_radius + 1e-12), "IRS never beats the base certificate here"
+    assert result.alpha == pytest.approx(ALPHA + 0.002)
+
+
+def test_irs_of_an_approximation_matches_the_definition(base):
+    model, inputs, cache = base
+    approx = perturbed(model, 0.3)
+    settings = IRSSettings(n_p=N_P, alpha_zeta=0.0005, alpha_d=0.0005)
+    result = certify_irs(approx, inputs.x, cache, settings, batch_size=50)
+    rows = np.flatnonzero(cache.certified)
+    preds = replay(approx, inputs.x, cache, rows, N_P)
+    dis = (preds != cache.predictions[rows, :N_P]).sum(1)
+    assert dis.sum() > 0, "the perturbation must change some predictions for this test to mean anything"
+    assert np.array_equal(result.disagreements[rows], dis)
+    zeta = upper_confidence_bound(dis, N_P, 0.0005)
+    np.testing.assert_allclose(result.zeta[rows], zeta)
+    r_zeta = radius(cache.p_a[rows] - zeta, SIGMA)
+    r_direct = radius(lower_confidence_bound((preds == cache.c_hat[rows, None]).sum(1), N_P, 0.0005), SIGMA)
+    np.testing.assert_allclose(result.radius[rows], np.maximum(r_zeta, r_direct))
+    np.testing.assert_array_equal(result.direct_won[rows], (r_direct > r_zeta) & (np.maximum(r_zeta, r_direct) > 0))
+    assert 0 <= result.direct_share <= 1 and np.isnan(result.zeta[~cache.certified]).all()
+
+
+def test_gamma_mode_switches_on_cached_p_a(base):
+    model, inputs, cache = base
+    approx = perturbed(model, 0.3)
+    rows = np.flatnonzero(cache.certified)
+    gamma = float(np.median(cache.p_a[rows]))
+    settings = IRSSettings(n_p=N_P, alpha_zeta=0.001, alpha_d=0.002, mode=Mode.GAMMA, gamma=gamma)
+    result = certify_irs(approx, inputs.x, cache, settings)
+    preds = replay(approx, inputs.x, cache, rows, N_P)
+    zeta = upper_confidence_bound((preds != cache.predictions[rows, :N_P]).sum(1), N_P, 0.001)
+    r_zeta = radius(cache.p_a[rows] - zeta, SIGMA)
+    r_direct = radius(lower_confidence_bound((preds == cache.c_hat[rows, None]).sum(1), N_P, 0.002), SIGMA)
+    high = cache.p_a[rows] >= gamma
+    assert high.any() and (~high).any()
+    np.testing.assert_allclose(result.radius[rows], np.where(high, r_direct, r_zeta))
+    assert result.alpha == pytest.approx(ALPHA + 0.001 + 0.002), "the union bound, not the paper's alpha + alpha_zeta"
+
+
+def test_bad_settings(base):
+    model, inputs, cache = base
+    with pytest.raises(ValueError, match="exceeds the cache's n"):
+        certify_irs(model, inputs.x, cache, IRSSettings(n_p=N + 1))
+    with pytest.raises(ValueError, match="alpha_zeta"):
+        IRSSettings(n_p=10, alpha_zeta=0.5)
+    with pytest.raises(ValueError, match="n_p"):
+        IRSSettings(n_p=0)
+    with pytest.raises(ValueError, match="gamma"):
+        IRSSettings(n_p=10, gamma=0.4)
+    with pytest.raises(ValueError, match="inputs given"):
+        certify_irs(model, inputs.x[:3], cache, IRSSettings(n_p=10))
