@@ -201,7 +201,7 @@ class ApproximationConfig:
                 )
 
     def __hash__(self) -> int:
-        return hash((tuple(self.layers.items()), self.global_prune))
+        return hash((frozenset(self.layers.items()), self.global_prune))  # equality ignores layer order, so does this
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types: ``{"layers": {name: {"precision", "prune"}}, "global_prune"}``, layers in config order."""
@@ -231,13 +231,22 @@ class ApproximationConfig:
         return cls(layers, data.get("global_prune", 0.0))
 
     def validate(self, model: nn.Module) -> None:
-        """Raise :class:`ApproximationError` unless every named layer is a compressible layer of ``model``."""
+        """Raise :class:`ApproximationError` unless every named layer is a compressible layer of ``model``.
+
+        Two named layers must not share one weight tensor (tied weights): name only one of them.
+        """
         valid = compressible_layers(model)
         valid_set = set(valid)
+        owners: dict[int, str] = {}
         for name in self.layers:
             if name not in valid_set:
                 raise ApproximationError(
                     f"unknown layer {name!r}{_suggest(name, valid)}; the compressible layers are {_choices(valid)}"
+                )
+            owner = owners.setdefault(id(model.get_submodule(name).weight), name)
+            if owner != name:
+                raise ApproximationError(
+                    f"layers {owner!r} and {name!r} share one weight tensor; name only one of them"
                 )
 
     def summary(self) -> str:
@@ -290,15 +299,32 @@ def preset(
 # ------------------------------------------------------------------------------------------------------- pruning
 
 
+def _smallest(magnitudes: np.ndarray, k: int) -> np.ndarray:
+    """Boolean mask of the ``k`` smallest entries, ties broken by position (as a stable argsort would); O(n).
+
+    NaN counts as larger than every number (as in a sort), so it is pruned only once all numbers are.
+    """
+    a = np.where(np.isnan(magnitudes), np.inf, magnitudes)
+    pruned = np.zeros(a.size, dtype=bool)
+    if k >= a.size:
+        pruned[:] = True
+    elif k > 0:
+        threshold = np.partition(a, k - 1)[k - 1]
+        np.less(a, threshold, out=pruned)
+        pruned[np.flatnonzero(a == threshold)[: k - int(pruned.sum())]] = True
+    return pruned
+
+
+def _magnitudes(weight: torch.Tensor) -> np.ndarray:
+    return np.abs(weight.detach().to("cpu", torch.float32).numpy().reshape(-1))
+
+
 def l1_mask(weight: torch.Tensor, amount: float) -> torch.Tensor:
     """Boolean keep-mask zeroing exactly ``round(amount * numel)`` smallest-``|w|`` entries (ties: earliest first)."""
     amount = _check_amount(amount, "prune")
-    flat = weight.detach().reshape(-1)
-    mask = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
-    k = round(amount * flat.numel())
-    if k:
-        mask[torch.argsort(flat.abs(), stable=True)[:k]] = False
-    return mask.reshape(weight.shape)
+    magnitudes = _magnitudes(weight)
+    keep = ~_smallest(magnitudes, round(amount * magnitudes.size))
+    return torch.from_numpy(keep).reshape(weight.shape)
 
 
 def global_l1_masks(weights: Mapping[str, torch.Tensor], amount: float) -> dict[str, torch.Tensor]:
@@ -307,16 +333,14 @@ def global_l1_masks(weights: Mapping[str, torch.Tensor], amount: float) -> dict[
     Ties are broken by position in the concatenation of the flattened weights in ``weights``' order.
     """
     amount = _check_amount(amount, "global_prune")
-    flats = [w.detach().reshape(-1).to("cpu", torch.float32) for w in weights.values()]
-    if not flats:
+    if not weights:
         return {}
-    everything = torch.cat(flats)
-    keep = torch.ones(everything.numel(), dtype=torch.bool)
-    k = round(amount * everything.numel())
-    if k:
-        keep[torch.argsort(everything.abs(), stable=True)[:k]] = False
-    parts = keep.split([f.numel() for f in flats])
-    return {name: part.reshape(w.shape) for (name, w), part in zip(weights.items(), parts, strict=True)}
+    magnitudes = np.concatenate([_magnitudes(w) for w in weights.values()])
+    keep = ~_smallest(magnitudes, round(amount * magnitudes.size))
+    parts = np.split(keep, np.cumsum([w.numel() for w in weights.values()])[:-1])
+    return {
+        name: torch.from_numpy(part).reshape(w.shape) for (name, w), part in zip(weights.items(), parts, strict=True)
+    }
 
 
 def pruning_masks(model: nn.Module, config: ApproximationConfig) -> dict[str, torch.Tensor | None]:
@@ -348,52 +372,62 @@ def _unpack_int4(packed: np.ndarray, count: int) -> np.ndarray:
     return (nibbles[:count] ^ 8).astype(np.int8) - np.int8(8)
 
 
-def _encode(values: torch.Tensor, precision: str) -> np.ndarray:
-    """Flat values (fp32, or int8 codes for int8/int4) as the stored array."""
-    if precision in ("fp32", "int8"):
-        return values.numpy()
+def _to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns, rounding to nearest even (NaN -> the quiet NaN 0x7FC0), as torch does."""
+    bits = values.view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    return np.where(np.isnan(values), np.uint16(0x7FC0), rounded)
+
+
+def _round_half_precision(values: np.ndarray, precision: str) -> np.ndarray:
+    """``values`` (float32) rounded to fp16 (as float16) or bf16 (as uint16 bit patterns); overflow is an error."""
     if precision == "fp16":
-        return values.to(torch.float16).numpy()
-    if precision == "bf16":
-        return values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    return _pack_int4(values.numpy())
+        with np.errstate(over="ignore"):
+            stored = values.astype(np.float16)
+        overflow = np.isinf(stored)
+    else:
+        stored = _to_bf16_bits(values)
+        overflow = (stored & np.uint16(0x7FFF)) == np.uint16(0x7F80)
+    if overflow.any() and not np.isinf(values).any():
+        raise ApproximationError(f"weights up to {np.abs(values).max():g} overflow {precision}")
+    return stored
 
 
 def compress_layer(weight: torch.Tensor, choice: LayerChoice, mask: torch.Tensor | None = None) -> Packed:
     """The stored arrays of one weight tensor (layout in the module docstring).
 
     ``mask`` is a boolean keep-mask of ``weight``'s shape (``True`` = kept); masked-out weights become exact zeros
-    before quantization, and the per-channel int scales are taken over the kept weights.
+    before quantization, and the per-channel int scales are taken over the kept weights.  (The arithmetic is numpy's,
+    single-threaded: torch's intra-op threads stall on a busy machine, and the result is the same IEEE arithmetic.)
     """
-    w = weight.detach().to("cpu", torch.float32, copy=True)
+    w = weight.detach().to("cpu", torch.float32).numpy().reshape(-1)
+    keep = None
     if mask is not None:
-        if mask.dtype != torch.bool or tuple(mask.shape) != tuple(w.shape):
+        if mask.dtype != torch.bool or tuple(mask.shape) != tuple(weight.shape):
             raise ApproximationError(
-                f"mask must be a bool tensor of the weight's shape {tuple(w.shape)}, "
+                f"mask must be a bool tensor of the weight's shape {tuple(weight.shape)}, "
                 f"got {mask.dtype} of shape {tuple(mask.shape)}"
             )
-        mask = mask.to("cpu")
-        w = torch.where(mask, w, torch.zeros((), dtype=torch.float32))
+        keep = mask.detach().cpu().numpy().reshape(-1)
+        w = np.where(keep, w, np.float32(0))
     arrays: Packed = {}
     precision = choice.precision
     if precision in _QMAX:
-        qmax = _QMAX[precision]
-        channels = w.flatten(1) if w.dim() > 1 else w.reshape(-1, 1)
-        amax = channels.abs().amax(dim=1) if channels.shape[1] else channels.new_zeros(channels.shape[0])
-        scale = torch.where(amax > 0, amax / qmax, torch.ones((), dtype=torch.float32))
-        values = torch.round(channels / scale[:, None]).clamp_(-qmax, qmax).to(torch.int8).reshape(-1)
-        arrays["scale"] = scale.numpy()
+        qmax = np.float32(_QMAX[precision])
+        rows = weight.shape[0] if weight.dim() else 1
+        channels = w.reshape(rows, w.size // rows if rows else 0)
+        amax = np.abs(channels).max(axis=1, initial=np.float32(0))
+        scale = np.where(amax > 0, amax / qmax, np.float32(1)).astype(np.float32)
+        codes = np.clip(np.round(channels / scale[:, None]), -qmax, qmax).astype(np.int8).reshape(-1)
+        arrays["scale"] = scale
+        pack = _pack_int4 if precision == "int4" else np.asarray
+        dense = pack(codes)
+        kept = None if keep is None else pack(codes[keep])
     else:
-        values = w.reshape(-1)
-        if precision in ("fp16", "bf16"):
-            rounded = values.to(torch.float16 if precision == "fp16" else torch.bfloat16)
-            if bool(torch.isinf(rounded).any()) and not bool(torch.isinf(values).any()):
-                raise ApproximationError(f"weights up to {values.abs().max().item():g} overflow {precision}")
-    dense = _encode(values, precision)
-    if mask is not None:
-        keep = mask.reshape(-1)
-        kept = _encode(values[keep], precision)
-        packed_mask = np.packbits(keep.numpy())
+        dense = np.array(w, dtype=np.float32) if precision == "fp32" else _round_half_precision(w, precision)
+        kept = None if keep is None else dense[keep]
+    if keep is not None and kept is not None:
+        packed_mask = np.packbits(keep)
         if packed_mask.nbytes + kept.nbytes < dense.nbytes:
             arrays.update(values=kept, mask=packed_mask)
             return arrays
@@ -460,17 +494,30 @@ def compress_model(model: nn.Module, config: ApproximationConfig) -> dict[str, P
     }
 
 
-def apply_approximation(model: nn.Module, config: ApproximationConfig) -> nn.Module:
+def apply_approximation(
+    model: nn.Module, config: ApproximationConfig, packed: dict[str, Packed] | None = None
+) -> nn.Module:
     """A copy of ``model`` whose config layers compute with the decompressed arrays of :func:`compress_model`.
 
-    ``model`` is not modified; no pruning hooks or masks are attached; parameters keep their dtype and device.
+    ``model`` is not modified; no pruning hooks or masks are attached; parameters keep their dtype and device.  The
+    new weights are handed to ``copy.deepcopy`` through its memo, so the original weights are never copied.
+    ``packed`` reuses a :func:`compress_model` result of the same model and config.
     """
-    packed = compress_model(model, config)
-    approx = copy.deepcopy(model)
+    if packed is None:
+        packed = compress_model(model, config)
+    memo: dict[int, Any] = {}
+    pending = []
+    for name, arrays in packed.items():
+        weight = model.get_submodule(name).weight
+        values = decompress_layer(arrays, weight.shape)
+        if type(weight) is nn.Parameter and weight.is_contiguous():
+            memo[id(weight)] = nn.Parameter(values.to(weight.device, weight.dtype), weight.requires_grad)
+        else:  # a Parameter subclass or a channels-last weight: copy into the deep copy's own tensor
+            pending.append((name, values))
+    approx = copy.deepcopy(model, memo)
     with torch.no_grad():
-        for name, arrays in packed.items():
-            weight = approx.get_submodule(name).weight
-            weight.copy_(decompress_layer(arrays, weight.shape))
+        for name, values in pending:
+            approx.get_submodule(name).weight.copy_(values)
     return approx
 
 
