@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -196,6 +196,15 @@ class CheckpointError(ValueError):
 _WRAPPER_PREFIX = "module"  # what torch.nn.DataParallel / DistributedDataParallel insert into parameter names
 _OPTIONAL_BUFFERS = ("num_batches_tracked",)  # BatchNorm counters, unused at inference; absent from old checkpoints
 _SHOWN_KEYS = 10  # how many mismatching names an error message lists
+_BLOCKED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # how torch.load(weights_only=True) names what it refused
+
+
+def _weights_only_failure(exc: pickle.UnpicklingError) -> tuple[str | None, str]:
+    """The Python global that ``torch.load(weights_only=True)`` refused (None if none was), and a one-line reason."""
+    text = str(exc)
+    blocked = _BLOCKED_GLOBAL.search(text)
+    detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+    return (blocked.group(1) if blocked else None), (detail[0].strip() if detail else type(exc).__name__)
 
 
 def _read(path: Path) -> object:
@@ -203,14 +212,16 @@ def _read(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        blocked, reason = _weights_only_failure(exc)
+        if blocked is None:
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({reason})") from None
         raise CheckpointError(
-            f"refusing to load {path}: it is not a plain-data checkpoint, and unpickling it could run code "
-            f"({first_line}). Re-save it from a trusted environment as "
+            f"refusing to load {path}: it is not a plain-data checkpoint, and unpickling it could run code (it refers "
+            f"to {blocked}, which torch.load(weights_only=True) does not allow). If you trust the file, re-save it as "
             f'torch.save({{"arch": ARCH, "state_dict": model.state_dict()}}, PATH)'
         ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({exc})") from None
+    except Exception as exc:  # a truncated or foreign file fails anywhere inside torch.load
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
 
 
 def _split(obj: object, path: Path) -> tuple[Mapping[str, torch.Tensor], str | None]:
@@ -252,7 +263,8 @@ def _describe(names: Sequence[str]) -> str:
 def _fit(model: nn.Module, state: Mapping[str, torch.Tensor], arch: str, path: Path) -> None:
     """Load ``state`` into ``model``, or raise naming the missing, unexpected and mis-shaped entries."""
     own = model.state_dict()
-    renamed = {_rename(k, set(own)): v for k, v in state.items()}
+    expected = set(own)
+    renamed = {_rename(k, expected): v for k, v in state.items()}
     if len(renamed) != len(state):
         raise CheckpointError(f"{path} names some tensors twice (with and without a 'module.' prefix)")
     missing = [k for k in own if k not in renamed and not k.endswith(_OPTIONAL_BUFFERS)]
