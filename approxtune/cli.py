@@ -8,19 +8,26 @@ the traceback instead.
 from __future__ import annotations
 
 import argparse
+import json
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
+import optuna
 import torch
+from optuna.study import MaxTrialsCallback
+from optuna.trial import TrialState
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from approxtune import pipeline
+from approxtune import pipeline, report, search
 from approxtune.cache import BaseCache
 from approxtune.config import Study, load_study
+from approxtune.search import clean_accuracy
 
 console = Console(stderr=True)
 out = Console()
@@ -41,13 +48,6 @@ def progress_bar(description: str, total: int) -> Iterator[callable]:
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield lambda count: bar.advance(task, count)
-
-
-def clean_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
-    """Accuracy of ``model`` on unperturbed inputs."""
-    with torch.inference_mode():
-        preds = torch.cat([model.eval()(x[i : i + 1024].to(device)).argmax(1).cpu() for i in range(0, len(x), 1024)])
-    return float((preds == y).float().mean())
 
 
 def _model(study: Study, device: torch.device) -> torch.nn.Module:
@@ -79,7 +79,7 @@ def _cache(study: Study, model: torch.nn.Module, split: str, device: torch.devic
         )
     verb = "Wrote" if built else "Reusing"
     console.print(f"{verb} the base cache {study.cache_path(split)}")
-    return cache, clean_accuracy(model, inputs.x, inputs.y, device)
+    return cache, clean_accuracy(model, inputs, device)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -112,6 +112,105 @@ def cmd_certify(args: argparse.Namespace) -> None:
     )
 
 
+class StopAfterTrial:
+    """First Ctrl-C: finish the running trial, then stop; a second Ctrl-C aborts it (Optuna marks it FAIL)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> StopAfterTrial:
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        console.print("[yellow]Stopping after the current trial (Ctrl-C again to abort it).[/]")
+
+    def __call__(self, optuna_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if self.requested:
+            optuna_study.stop()
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    study = load_study(args.study)
+    device = pipeline.resolve_device(study, args.device)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    model = _model(study, device)
+    cache, base_accuracy = _cache(study, model, "search", device)
+    inputs = pipeline.load_inputs(study, "search")
+    attrs = search.study_attrs(study, cache, base_accuracy, model)
+    optuna_study = search.create_study(study, attrs)
+    layers = search.searched_layers(study, model)
+    enqueued = search.enqueue_baselines(optuna_study, study, layers)
+    done = len(optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    remaining = max(0, study.search.trials - done)
+    console.print(
+        f"Study {study.name!r} ({study.storage}): {done} trials done, running {remaining}; "
+        f"{len(layers)} layers searched; baselines: {', '.join(enqueued) or 'none'}; "
+        f"certificates hold with probability >= {attrs['confidence']:.4g}."
+    )
+    if remaining:
+        with progress_bar("trials", remaining) as advance, StopAfterTrial() as stopper:
+
+            def on_result(trial: optuna.Trial, result: search.TrialResult) -> None:
+                console.print(
+                    f"trial {trial.number:3d}  ACR {result.acr:.4f}  acc {result.accuracy:.3f}  "
+                    f"size {result.size_ratio:6.1%}  {result.seconds:5.1f}s  {result.config.summary()}",
+                    highlight=False,
+                )
+                advance(1)
+
+            objective = search.make_objective(study, model, inputs, cache, base_accuracy, device, on_result)
+            optuna_study.optimize(
+                objective,
+                n_trials=remaining,
+                timeout=study.search.timeout or None,
+                callbacks=[stopper, MaxTrialsCallback(study.search.trials, states=(TrialState.COMPLETE,))],
+            )
+    _show_front(study, optuna_study, as_json=False)
+
+
+def _show_front(study: Study, optuna_study: optuna.Study, as_json: bool) -> None:
+    rows = report.front_rows(optuna_study)
+    if as_json:
+        out.print_json(json.dumps({"study": study.name, "storage": study.storage, "front": rows}))
+        return
+    if not rows:
+        out.print("No feasible complete trial yet.")
+        return
+    table = Table(title=f"Pareto front of {study.name!r}: ACR up, accuracy up, size down")
+    for column in ("trial", "ACR", "accuracy", "size (bytes)", "vs fp32", "layers"):
+        table.add_column(column, justify="right" if column != "layers" else "left")
+    for row in rows:
+        label = f"{row['trial']}" + (f" ({row['baseline']})" if row["baseline"] else "")
+        table.add_row(
+            label,
+            f"{row['acr']:.4f}",
+            f"{row['accuracy']:.3f}",
+            f"{row['size_bytes']:,}",
+            f"{row['size_ratio']:.1%}",
+            row["summary"],
+        )
+    out.print(table)
+    png = report.plot_front(optuna_study, study.output_dir / "front.png")
+    out.print(f"Plot: {png}    Dashboard: optuna-dashboard {study.storage}")
+
+
+def cmd_front(args: argparse.Namespace) -> None:
+    study = load_study(args.study)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna_study = search.load_existing_study(study)
+    if optuna_study is None:
+        raise ValueError(f"no study {study.name!r} in {study.storage}; run `approxtune tune {args.study}` first")
+    _show_front(study, optuna_study, as_json=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="approxtune", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -126,6 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("search", "report"), default="search", help="which inputs (default: search)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="override certify.device")
     p.set_defaults(func=cmd_certify)
+
+    p = sub.add_parser("tune", help="search per-layer compression, scored by IRS; prints the Pareto front")
+    p.add_argument("study", help="study file (TOML)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="override certify.device")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("front", help="show a study's Pareto front (table and PNG plot, or JSON)")
+    p.add_argument("study", help="study file (TOML)")
+    p.add_argument("--json", action="store_true", help="print the front as JSON")
+    p.set_defaults(func=cmd_front)
     return parser
 
 
@@ -137,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         if args.debug:
             raise
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]Interrupted.[/]")

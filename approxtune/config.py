@@ -15,7 +15,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from approxtune.approximation import PRECISIONS
 from approxtune.irs import IRSSettings, Mode
+from approxtune.models import ARCHITECTURES
 
 __all__ = ["ConfigError", "Study", "load_study"]
 
@@ -92,8 +94,10 @@ class SearchSection:
     timeout: float = 0.0
     """Seconds; 0 means no time budget."""
     sampler: str = "nsga2"
+    population: int = 10
+    """NSGA-II population size (generation size)."""
     precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "bf16", "int8", "int4"])
-    prune: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.5])
+    prune: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3, 0.5])
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
     baselines: bool = True
@@ -218,6 +222,7 @@ def _validate(s: Study) -> None:
         value = getattr(i, key)
         _require(0 < value < 0.5, f"irs.{key} must lie in (0, 0.5), got {value}")
     _require(0.5 < i.gamma <= 1, f"irs.gamma must lie in (0.5, 1], got {i.gamma}")
+    _choice("model.arch", s.model.arch, tuple(ARCHITECTURES))
     _choice("data.dataset", d.dataset, DATASETS)
     _require(d.search_inputs >= 1 and d.report_inputs >= 1, "data.search_inputs and data.report_inputs must be >= 1")
     _require(d.dataset == "digits" or bool(d.root), f"data.root must name the folder or file of {d.dataset} data")
@@ -227,6 +232,9 @@ def _validate(s: Study) -> None:
     _require(q.trials >= 0 and q.timeout >= 0, "search.trials and search.timeout must be >= 0")
     _choice("search.sampler", q.sampler, SAMPLERS)
     _require(bool(q.precisions), "search.precisions must name at least one precision")
+    for precision in q.precisions:
+        _choice("search.precisions", precision, PRECISIONS)
+    _require(q.population >= 2, f"search.population must be at least 2, got {q.population}")
     _require(bool(q.prune), "search.prune must list at least one pruning amount (0.0 for none)")
     _require(all(0 <= p < 1 for p in q.prune), f"search.prune amounts must lie in [0, 1), got {q.prune}")
     k = q.constraints

@@ -1,0 +1,159 @@
+"""The command line end to end on a tiny digits study: train, certify, tune, resume, front, dashboard, bad input."""
+
+import json
+import re
+
+import optuna
+import pytest
+
+from approxtune.cli import main
+
+TINY = """
+[study]
+name = "tiny"
+output_dir = "runs/tiny"
+seed = 1
+[data]
+search_inputs = 30
+report_inputs = 20
+[train]
+epochs = 4
+[certify]
+n0 = 16
+n = 200
+[irs]
+n_p = 100
+[search]
+trials = 9
+"""
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """One tiny study, tuned once, shared by the tests below (they only read it or add trials to copies)."""
+    root = tmp_path_factory.mktemp("cli")
+    study = root / "tiny.toml"
+    study.write_text(TINY)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        assert main(["tune", str(study)]) == 0
+    return root, study
+
+
+def test_tune_creates_model_cache_study_and_front(tuned):
+    root, _ = tuned
+    out = root / "runs" / "tiny"
+    assert (out / "model.pt").is_file() and (out / "front.png").stat().st_size > 1000
+    assert (out / "base-search-sigma0.5-n200.cache" / "predictions.npy").is_file()
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'study.db'}")
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == 9
+    assert study.metric_names == ["ACR", "accuracy", "size_bytes"]
+    baselines = {t.user_attrs.get("baseline") for t in trials} - {None}
+    assert baselines == {"fp32", "fp16", "bf16", "int8", "prune5", "prune10", "prune20"}
+    for key in ("sigma", "n", "alpha", "alpha_zeta", "n_p", "cache_fingerprint", "base_acr", "base_accuracy"):
+        assert key in study.user_attrs
+    attrs = trials[0].user_attrs
+    for key in ("config", "size_bytes", "size_ratio", "certified_accuracy", "mean_zeta", "direct_share", "confidence"):
+        assert key in attrs
+    assert attrs["confidence"] == pytest.approx(1 - 0.002)
+    fp32 = next(t for t in trials if t.user_attrs.get("baseline") == "fp32")
+    int8 = next(t for t in trials if t.user_attrs.get("baseline") == "int8")
+    assert fp32.user_attrs["size_ratio"] == 1.0 and 0.25 < int8.user_attrs["size_ratio"] < 0.27
+
+
+def test_front_json_is_the_pareto_front_of_the_trials(tuned, capsys):
+    root, study_file = tuned
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        assert main(["front", str(study_file), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["front"]
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{root / 'runs/tiny/study.db'}")
+    values = [t.values for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
+
+    def dominated(v):
+        return any(
+            w[0] >= v[0] and w[1] >= v[1] and w[2] <= v[2] and (w[0] > v[0] or w[1] > v[1] or w[2] < v[2])
+            for w in values
+        )
+
+    assert {r["trial"] for r in rows} == {i for i, t in enumerate(study.trials) if t.values and not dominated(t.values)}
+    assert [r["acr"] for r in rows] == sorted((r["acr"] for r in rows), reverse=True)
+
+
+def test_resume_adds_only_the_missing_trials_and_refuses_other_settings(tuned, capsys):
+    root, _ = tuned
+    more = root / "more.toml"
+    more.write_text(TINY.replace("trials = 9", "trials = 11"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        assert main(["tune", str(more)]) == 0  # same study name, same output dir: resumes
+        study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{root / 'runs/tiny/study.db'}")
+        assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 11
+        capsys.readouterr()
+        other = root / "other.toml"
+        other.write_text(TINY.replace("n_p = 100", "n_p = 150"))
+        assert main(["tune", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "n_p: study has 100, now 150" in err and "Traceback" not in err
+
+
+def test_dashboard_serves_the_study(tuned):
+    from optuna_dashboard import wsgi
+
+    root, _ = tuned
+    storage = optuna.storages.RDBStorage(f"sqlite:///{root / 'runs/tiny/study.db'}")
+    app = wsgi(storage)
+
+    def get(path, query=""):
+        status = []
+        environ = {
+            "REQUEST_METHOD": "GET",
+            "PATH_INFO": path,
+            "QUERY_STRING": query,
+            "SERVER_NAME": "localhost",
+            "SERVER_PORT": "80",
+            "wsgi.url_scheme": "http",
+            "wsgi.input": __import__("io").BytesIO(),
+        }
+        body = b"".join(app(environ, lambda s, h, *a: status.append(s)))
+        assert status[0].startswith("200"), status
+        return json.loads(body)
+
+    summaries = get("/api/studies")["study_summaries"]
+    tiny = next(s for s in summaries if s["study_name"] == "tiny")
+    detail = get(f"/api/studies/{tiny['study_id']}", "after=0")
+    attrs = [{a["key"] for a in t["user_attrs"]} for t in detail["trials"]]
+    assert detail["objective_names"] == ["ACR", "accuracy", "size_bytes"]
+    assert all({"feasible", "accuracy_drop"} <= a for a in attrs), "constraints are visible as user attrs"
+    assert all({"size_ratio", "mean_zeta", "config"} <= a for a in attrs)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[certify]\nsigma = -1", "certify.sigma must be positive"),
+        ("[certify\n", "not valid TOML"),
+        ("[irs]\nn_p = 5000", "irs.n_p must lie in"),
+        ("[certfy]\n", "did you mean [certify]"),
+        ("[model]\narch = 'cifar_resnet20'\ncheckpoint = 'missing.pt'", "missing.pt does not exist"),
+        ("[model]\narch = 'resnet9000'", "model.arch = 'resnet9000' is not one of"),
+    ],
+)
+@pytest.mark.parametrize("command", ["tune", "certify"])
+def test_bad_input_exits_2_without_traceback_or_files(tmp_path, monkeypatch, capsys, command, text, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.toml").write_text(text)
+    assert main([command, "bad.toml"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and re.search(re.escape(message), " ".join(err.split()))
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml"], "nothing was written"
+
+
+def test_front_without_a_study(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.toml").write_text("")
+    assert main(["front", "s.toml"]) == 2
+    assert "run `approxtune tune s.toml` first" in capsys.readouterr().err

@@ -1,0 +1,69 @@
+"""Study files: defaults, the bundled studies, and a clear error for each kind of bad input."""
+
+from pathlib import Path
+
+import pytest
+
+from approxtune.config import ConfigError, load_study
+
+STUDIES = sorted((Path(__file__).parent.parent / "studies").glob("*.toml"))
+
+
+def write(tmp_path, text):
+    path = tmp_path / "s.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults(tmp_path):
+    study = load_study(write(tmp_path, ""))
+    assert study.name == "s" and study.output_dir == Path("runs/s")
+    assert study.storage == "sqlite:///runs/s/study.db"
+    assert study.checkpoint == Path("runs/s/model.pt")
+    assert study.irs_settings.total_alpha(study.certify.alpha) == pytest.approx(0.002)
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.name for p in STUDIES])
+def test_bundled_studies_load(path):
+    study = load_study(path)
+    assert study.irs.n_p <= study.certify.n
+
+
+def test_digits_variants_differ_only_in_sigma():
+    sigmas = {load_study(p).certify.sigma for p in STUDIES if p.stem.startswith("digits")}
+    assert sigmas == {0.25, 0.5, 1.0}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[certify\nsigma = 1", "is not valid TOML"),
+        ("[certfy]\nsigma = 1", r"unknown section \[certfy\]; did you mean \[certify\]"),
+        ("[certify]\nsigm = 1", "unknown key certify.sigm; did you mean 'sigma'"),
+        ("[certify]\nsigma = 'big'", "certify.sigma must be a number, got 'big'"),
+        ("[certify]\nn = 1.5", "certify.n must be an integer"),
+        ("[search]\nbaselines = 1", "search.baselines must be true or false"),
+        ("[search]\nprecisions = 'int8'", "search.precisions must be a list"),
+        ("[certify]\nsigma = 0", "certify.sigma must be positive"),
+        ("[certify]\nsigma = -1", "certify.sigma must be positive"),
+        ("[certify]\nalpha = 0.5", r"certify.alpha must lie in \(0, 0.5\)"),
+        ("[certify]\nalpha = 0", r"certify.alpha must lie in \(0, 0.5\)"),
+        ("[irs]\nn_p = 2001", r"irs.n_p must lie in \[1, certify.n = 2000\]"),
+        ("[irs]\nalpha_zeta = 0.7", "irs.alpha_zeta must lie in"),
+        ("[irs]\nmode = 'maximum'", "irs.mode = 'maximum' is not one of max, gamma"),
+        ("[search]\nprecisions = ['int3']", "search.precisions = 'int3' is not one of"),
+        ("[search]\nprune = [1.0]", r"search.prune amounts must lie in \[0, 1\)"),
+        ("[search]\nsampler = 'tpe2'", "did you mean 'tpe'"),
+        ("[search.constraints]\nmax_size = 0.5", "did you mean 'max_size_ratio'"),
+        ("[data]\ndataset = 'cifar10'", "data.root must name the folder"),
+    ],
+)
+def test_bad_input(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_study(write(tmp_path, text))
+    assert str(tmp_path / "s.toml") in str(info.value), "the message names the file"
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_study(tmp_path / "nope.toml")
