@@ -1,0 +1,181 @@
+"""Unit tests of approxtune.statistics: one-sided Clopper–Pearson bounds, Cohen's radius, ACR, certified accuracy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest, norm
+
+from approxtune.statistics import (
+    acr,
+    certified_accuracy,
+    certified_accuracy_curve,
+    lower_confidence_bound,
+    radius,
+    upper_confidence_bound,
+)
+
+# (k, n) pairs: edges, small n, large n, k near 0 and near n.
+KN = [(k, n) for n in (1, 2, 5, 10, 37, 100, 1000) for k in sorted({0, 1, n // 3, n // 2, n - 1, n}) if 0 <= k <= n]
+ALPHAS = [0.001, 0.01, 0.05, 0.2, 0.45]
+
+
+def scipy_one_sided(k: int, n: int, alpha: float) -> tuple[float, float]:
+    """One-sided ``alpha`` bounds = the ends of scipy's exact two-sided interval at confidence ``1 - 2 alpha``."""
+    ci = binomtest(k, n).proportion_ci(confidence_level=1.0 - 2.0 * alpha, method="exact")
+    return ci.low, ci.high
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_bounds_match_scipy_exact_interval_at_twice_the_level(alpha: float) -> None:
+    for k, n in KN:
+        low, high = scipy_one_sided(k, n, alpha)
+        assert float(lower_confidence_bound(k, n, alpha)) == pytest.approx(low, rel=1e-9, abs=1e-12), (k, n)
+        assert float(upper_confidence_bound(k, n, alpha)) == pytest.approx(high, rel=1e-9, abs=1e-12), (k, n)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_bounds_are_not_the_two_sided_ends_at_the_same_level(alpha: float) -> None:
+    """The one-sided bound is strictly tighter than the same-level two-sided interval's end (0 < k < n)."""
+    k, n = 30, 100
+    ci = binomtest(k, n).proportion_ci(confidence_level=1.0 - alpha, method="exact")
+    assert float(lower_confidence_bound(k, n, alpha)) > ci.low
+    assert float(upper_confidence_bound(k, n, alpha)) < ci.high
+
+
+@pytest.mark.parametrize("n", [1, 2, 10, 100, 10_000])
+@pytest.mark.parametrize("alpha", [0.001, 0.05, 0.3])
+def test_exact_edges(n: int, alpha: float) -> None:
+    # k = 0: the lower bound is 0 and the upper bound solves (1 - p)^n = alpha.
+    assert float(lower_confidence_bound(0, n, alpha)) == 0.0
+    assert float(upper_confidence_bound(0, n, alpha)) == pytest.approx(1.0 - alpha ** (1.0 / n), rel=1e-10)
+    # k = n: the upper bound is 1 and the lower bound solves p^n = alpha.
+    assert float(upper_confidence_bound(n, n, alpha)) == 1.0
+    assert float(lower_confidence_bound(n, n, alpha)) == pytest.approx(alpha ** (1.0 / n), rel=1e-10)
+
+
+def test_floor_quoted_in_the_design_notes() -> None:
+    """Zero disagreements in n_p samples still give zeta = 1 - alpha_zeta^(1/n_p) ~ ln(1/alpha_zeta)/n_p."""
+    assert float(upper_confidence_bound(0, 100, 0.001)) == pytest.approx(0.0667, abs=5e-4)
+    assert float(upper_confidence_bound(0, 1000, 0.001)) == pytest.approx(0.00688, abs=5e-5)
+
+
+def test_bounds_bracket_the_estimate_and_are_monotone() -> None:
+    n = 50
+    k = np.arange(n + 1)
+    lo = lower_confidence_bound(k, n, 0.05)
+    hi = upper_confidence_bound(k, n, 0.05)
+    assert np.all(lo <= k / n) and np.all(hi >= k / n)
+    assert np.all(np.diff(lo) > 0) and np.all(np.diff(hi) > 0)
+    assert np.all((lo >= 0) & (hi <= 1))
+    # A smaller alpha (more confidence) gives a wider bound.
+    assert np.all(lower_confidence_bound(k, n, 0.01) <= lo) and np.all(upper_confidence_bound(k, n, 0.01) >= hi)
+
+
+def test_vectorised_inputs_match_scalar_calls_and_broadcast() -> None:
+    k = np.array([0, 3, 7, 10, 500])
+    n = np.array([10, 10, 10, 10, 1000])
+    lo = lower_confidence_bound(k, n, 0.01)
+    hi = upper_confidence_bound(k, n, 0.01)
+    assert lo.shape == hi.shape == (5,)
+    for i in range(5):
+        assert lo[i] == float(lower_confidence_bound(int(k[i]), int(n[i]), 0.01))
+        assert hi[i] == float(upper_confidence_bound(int(k[i]), int(n[i]), 0.01))
+    # A scalar n broadcasts against an array of counts, and a 2-D array keeps its shape.
+    grid = np.array([[0, 1], [19, 20]])
+    assert lower_confidence_bound(grid, 20, 0.1).shape == (2, 2)
+    assert upper_confidence_bound(grid, 20, 0.1)[1, 1] == 1.0
+    assert lower_confidence_bound(grid, 20, 0.1)[0, 0] == 0.0
+    np.testing.assert_array_equal(lower_confidence_bound(k[:4], 10, 0.01), lo[:4])
+    # Empty input gives an empty output.
+    assert lower_confidence_bound(np.zeros(0), 10, 0.1).shape == (0,)
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "alpha"),
+    [
+        (1, 10, 0.0),
+        (1, 10, 1.0),
+        (1, 10, -0.1),
+        (1, 10, 1.5),
+        (1, 10, float("nan")),
+        (11, 10, 0.05),
+        (-1, 10, 0.05),
+        (0, 0, 0.05),
+        (np.array([1, 11]), 10, 0.05),
+    ],
+)
+def test_bad_bound_arguments_raise(k, n, alpha) -> None:
+    with pytest.raises(ValueError):
+        lower_confidence_bound(k, n, alpha)
+    with pytest.raises(ValueError):
+        upper_confidence_bound(k, n, alpha)
+
+
+def test_radius_is_sigma_times_probit_and_abstains_at_one_half() -> None:
+    p = np.array([0.0, 0.3, 0.5, 0.5 + 1e-12, 0.6, 0.9, 0.99, 0.999])
+    for sigma in (0.12, 0.25, 1.0):
+        r = radius(p, sigma)
+        assert r.shape == p.shape
+        np.testing.assert_allclose(r[4:], sigma * norm.ppf(p[4:]), rtol=1e-12)
+        np.testing.assert_array_equal(r[:3], 0.0)  # abstain: 0, never a negative radius
+        assert 0.0 < r[3] < 1e-9
+        assert np.all(r >= 0.0)
+    assert float(radius(0.8413447460685429, 0.5)) == pytest.approx(0.5, rel=1e-9)  # Phi(1) -> sigma
+    assert float(radius(0.5, 1.0)) == 0.0
+
+
+@pytest.mark.parametrize("sigma", [0.0, -0.25])
+def test_radius_rejects_non_positive_sigma(sigma: float) -> None:
+    with pytest.raises(ValueError):
+        radius(0.9, sigma)
+
+
+def test_acr_counts_zeros() -> None:
+    assert acr([0.0, 0.0, 1.0, 0.5]) == pytest.approx(0.375)
+    assert acr([0.0, 0.0]) == 0.0
+    assert acr([]) == 0.0
+    assert isinstance(acr(np.array([0.25])), float)
+
+
+def test_certified_accuracy_at_radius() -> None:
+    radii = np.array([0.0, 0.0, 0.1, 0.25, 0.5, 1.0])
+    # At r = 0 only inputs with a positive radius count (abstentions and wrong predictions are stored as 0).
+    assert certified_accuracy(radii, 0.0) == pytest.approx(4 / 6)
+    assert certified_accuracy(radii, 0.1) == pytest.approx(4 / 6)  # radius >= r is inclusive
+    assert certified_accuracy(radii, 0.2) == pytest.approx(3 / 6)
+    assert certified_accuracy(radii, 1.0) == pytest.approx(1 / 6)
+    assert certified_accuracy(radii, 1.01) == 0.0
+    assert certified_accuracy([], 0.0) == 0.0
+    assert certified_accuracy(np.zeros(5), 0.0) == 0.0
+
+
+def test_certified_accuracy_curve() -> None:
+    radii = np.array([0.0, 0.2, 0.4, 1.0])
+    curve = certified_accuracy_curve(radii)
+    assert len(curve) == 21
+    assert curve[0] == (0.0, 0.75)  # r = 0 counts only radius > 0
+    assert curve[-1] == (1.0, 0.25)
+    rs = [r for r, _ in curve]
+    accs = [a for _, a in curve]
+    np.testing.assert_allclose(rs, np.linspace(0.0, 1.0, 21))
+    assert np.all(np.diff(accs) <= 0)  # non-increasing
+    for r, a in curve:
+        assert a == certified_accuracy(radii, r)
+
+    custom = certified_accuracy_curve(radii, grid=[0.0, 0.3, 2.0])
+    assert custom == [(0.0, 0.75), (0.3, 0.5), (2.0, 0.0)]
+    assert all(isinstance(r, float) and isinstance(a, float) for r, a in custom)
+
+    empty = certified_accuracy_curve([])
+    assert len(empty) == 21 and all(a == 0.0 for _, a in empty)
+
+
+def test_radius_of_bound_matches_textbook_example() -> None:
+    """Cohen et al.: 100,000 samples all of class A, alpha = 0.001, sigma = 0.25 -> radius 0.25 * Phi^-1(0.001^1e-5)."""
+    p = float(lower_confidence_bound(100_000, 100_000, 0.001))
+    assert p == pytest.approx(math.exp(math.log(0.001) / 100_000), rel=1e-12)
+    assert float(radius(p, 0.25)) == pytest.approx(0.25 * norm.ppf(p), rel=1e-12)
+    assert 0.25 * 3.8 < float(radius(p, 0.25)) < 0.25 * 4.0
