@@ -159,6 +159,8 @@ def certify(
     """
     if n0 < 1 or n < 1:
         raise ValueError(f"n0 and n must be at least 1, got n0={n0}, n={n}")
+    if not 0.0 < alpha < 0.5:
+        raise ValueError(f"alpha must lie in (0, 0.5), got {alpha}")
     kwargs = {"batch_size": batch_size, "block_size": block_size, "device": device, "progress": progress}
     selection = predict_under_noise(model, inputs, seeds, Stream.SELECTION, 0, n0, sigma, **kwargs)
     num_classes = int(np.iinfo(selection.dtype).max) + 1

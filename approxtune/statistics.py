@@ -37,6 +37,8 @@ def _check(k: ArrayLike, n: ArrayLike, alpha: float) -> tuple[NDArray[np.float64
         raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
     if np.any(n_arr < 1) or np.any(k_arr < 0) or np.any(k_arr > n_arr):
         raise ValueError("binomial bounds need 0 <= k <= n and n >= 1")
+    if np.any(k_arr != np.round(k_arr)) or np.any(n_arr != np.round(n_arr)):
+        raise ValueError("binomial bounds need whole numbers k and n")
     return np.broadcast_arrays(k_arr, n_arr)  # type: ignore[return-value]
 
 

@@ -90,3 +90,10 @@ def test_certify_constant_classifier_gets_the_maximal_radius():
     assert np.all(result.c_hat == 2) and np.all(result.count == 1000)
     expected = 0.5 * __import__("scipy").stats.norm.ppf(0.001 ** (1 / 1000))
     np.testing.assert_allclose(result.radius, expected)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.7])
+def test_certify_refuses_alpha_outside_the_open_half_interval(setup, alpha):
+    model, x, seeds = setup
+    with pytest.raises(ValueError, match="alpha"):
+        certify(model, x, seeds, 0.5, 10, 100, alpha)

@@ -179,3 +179,10 @@ def test_radius_of_bound_matches_textbook_example() -> None:
     assert p == pytest.approx(math.exp(math.log(0.001) / 100_000), rel=1e-12)
     assert float(radius(p, 0.25)) == pytest.approx(0.25 * norm.ppf(p), rel=1e-12)
     assert 0.25 * 3.8 < float(radius(p, 0.25)) < 0.25 * 4.0
+
+
+def test_counts_must_be_whole_numbers():
+    with pytest.raises(ValueError, match="whole numbers"):
+        lower_confidence_bound(2.5, 10, 0.1)
+    with pytest.raises(ValueError, match="whole numbers"):
+        upper_confidence_bound(2, 10.5, 0.1)
