@@ -64,7 +64,7 @@ def model_fingerprint(model: nn.Module) -> str:
     for name, tensor in model.state_dict().items():
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim: BN counters
     return h.hexdigest()
 
 

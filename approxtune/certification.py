@@ -68,7 +68,7 @@ def predict_under_noise(
         raise ValueError("stop must not be smaller than start")
     if sigma <= 0:
         raise ValueError(f"sigma must be positive, got {sigma}")
-    width = int((stops - starts).max()) if n_inputs else 0
+    width = int(np.max(np.asarray(stop) - np.asarray(start), initial=0))
     shape = tuple(inputs.shape[1:])
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()

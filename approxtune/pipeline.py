@@ -7,18 +7,33 @@ study, (re)building it otherwise — so that ``approxtune tune`` runs from a fre
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from approxtune.cache import BaseCache, CacheError, CacheMeta, build_base_cache, load_cache, model_fingerprint
 from approxtune.config import Study
-from approxtune.data import Inputs, digits_splits
-from approxtune.models import load_checkpoint, save_checkpoint
+from approxtune.data import (
+    _CIFAR10_BATCHES,
+    _LABEL_KEYS,
+    DataError,
+    Inputs,
+    _cifar10_folder,
+    _entry,
+    _load_tensor_file,
+    _read_cifar_batch,
+    cifar10_inputs,
+    digits_splits,
+    imagefolder_inputs,
+    tensor_file_inputs,
+)
+from approxtune.models import CheckpointError, load_checkpoint, save_checkpoint
 from approxtune.noise import DEFAULT_BLOCK_SIZE
 from approxtune.training import train_model
 
-__all__ = ["TRAINABLE", "ensure_cache", "ensure_model", "load_inputs", "resolve_device"]
+__all__ = ["TRAINABLE", "ensure_cache", "ensure_model", "load_inputs", "resolve_device", "split_indices"]
 
 TRAINABLE = ("digits-cnn",)
 """Architectures that `approxtune train` can train on the study's own data."""
@@ -34,14 +49,98 @@ def resolve_device(study: Study, override: str | None = None) -> torch.device:
     return torch.device(name)
 
 
+REAL_SPLITS = ("search", "report")
+"""The splits of a real dataset: both drawn from its test/validation images (approxtune trains only on digits)."""
+
+_ROOT_HINTS = {
+    "cifar10": "the folder that holds cifar-10-batches-py/, extracted from cifar-10-python.tar.gz",
+    "imagefolder": "a folder with one sub-folder of images per class, e.g. the sorted ImageNet validation set",
+    "tensors": "a .npz or .pt file holding images x and labels y",
+}
+
+
 def load_inputs(study: Study, split: str) -> Inputs:
-    """The study's ``train``, ``search`` or ``report`` inputs (search and report are disjoint and held out)."""
+    """The study's ``train``, ``search`` or ``report`` inputs (search and report are disjoint and held out).
+
+    ``digits`` is split as :func:`~approxtune.data.digits_splits` does.  A real dataset (``cifar10``: the test batch,
+    ``imagefolder``, ``tensors``) gives only its test/validation images to approxtune: a seeded permutation
+    (``data.split_seed``) of all their indices is cut into the first ``data.report_inputs`` (report) and the next
+    ``data.search_inputs`` (search), each sorted into dataset order, and only the selected images are decoded.
+    There is no ``train`` split for real datasets: their models come with a checkpoint.  Raises
+    :class:`~approxtune.data.DataError` naming the files or study keys to fix.
+    """
     d = study.data
-    if d.dataset != "digits":
-        raise ValueError(f"dataset {d.dataset!r} is not supported yet")
-    inputs = digits_splits(d.split_seed)[split]
-    count = {"search": d.search_inputs, "report": d.report_inputs}.get(split)
-    return inputs if count is None else inputs.head(count)
+    if d.dataset == "digits":
+        inputs = digits_splits(d.split_seed)[split]
+        count = {"search": d.search_inputs, "report": d.report_inputs}.get(split)
+        return inputs if count is None else inputs.head(count)
+    if split == "train":
+        raise DataError(
+            f"approxtune trains only the embedded digits model; a {d.dataset} study needs a trained model: put its "
+            f"checkpoint at {study.checkpoint} or set model.checkpoint in {study.path} (Cohen et al.'s "
+            f"checkpoint.pth.tar files load as they are)"
+        )
+    if split not in REAL_SPLITS:
+        raise ValueError(f"split must be one of {', '.join(REAL_SPLITS)} for a {d.dataset} study, not {split!r}")
+    root = Path(d.root)
+    try:
+        total, source = _dataset_size(d.dataset, root)
+    except DataError as exc:
+        raise DataError(f"{exc} (data.root in {study.path} must name {_ROOT_HINTS[d.dataset]})") from None
+    try:
+        indices = split_indices(total, d.split_seed, d.report_inputs, d.search_inputs, source)[split]
+    except DataError as exc:
+        raise DataError(f"{exc} in {study.path}") from None
+    try:
+        return _read(d.dataset, root, indices)
+    except DataError as exc:
+        raise DataError(f"{exc} ({study.path}: data.root = {d.root!r})") from None
+
+
+def split_indices(
+    total: int, split_seed: int, report: int, search: int, source: str = "the dataset"
+) -> dict[str, np.ndarray]:
+    """``{"report", "search"}``: disjoint sorted index arrays cut from a ``split_seed`` permutation of ``total``.
+
+    Report takes the first ``report`` positions of the permutation and search the next ``search`` (as for digits),
+    so the report inputs do not change when only ``search`` does.
+    """
+    if report + search > total:
+        raise DataError(
+            f"{source} has {total} images, but data.report_inputs = {report} and data.search_inputs = {search} need "
+            f"{report + search} distinct ones; lower data.report_inputs or data.search_inputs"
+        )
+    order = np.random.default_rng(split_seed).permutation(total)
+    return {"report": np.sort(order[:report]), "search": np.sort(order[report : report + search])}
+
+
+def _dataset_size(dataset: str, root: Path) -> tuple[int, str]:
+    """The number of test/validation images under ``root`` and how to name them, decoding no image.
+
+    Every check of the readers runs first, so a missing or malformed dataset raises their :class:`DataError`.
+    """
+    if dataset == "cifar10":
+        folder = _cifar10_folder(root, _CIFAR10_BATCHES["test"])
+        _, labels = _read_cifar_batch(folder / "test_batch")
+        return len(labels), f"the CIFAR-10 test split in {folder}"
+    if dataset == "imagefolder":
+        imagefolder_inputs(root, indices=[])  # the reader's checks of the folder; decodes nothing
+        from torchvision.datasets import ImageFolder
+
+        return len(ImageFolder(str(root), allow_empty=True).samples), f"image folder {root}"
+    if dataset == "tensors":
+        if not root.is_file():
+            tensor_file_inputs(root)  # raises the reader's DataError for a missing file
+        return len(_entry(_load_tensor_file(root), _LABEL_KEYS, "labels", root)), f"tensor file {root}"
+    raise ValueError(f"dataset {dataset!r} is not supported")
+
+
+def _read(dataset: str, root: Path, indices: np.ndarray) -> Inputs:
+    if dataset == "cifar10":
+        return cifar10_inputs(root, "test", indices)
+    if dataset == "imagefolder":
+        return imagefolder_inputs(root, indices)
+    return tensor_file_inputs(root, indices)
 
 
 def train_study_model(study: Study, progress: Callable[[int, float], None] | None = None) -> nn.Module:
@@ -66,9 +165,17 @@ def train_study_model(study: Study, progress: Callable[[int, float], None] | Non
 
 def ensure_model(study: Study, progress: Callable[[int, float], None] | None = None) -> nn.Module:
     """The study's base model f: loaded from its checkpoint, or trained first when that is missing and trainable."""
-    if not study.checkpoint.exists() and study.model.arch in TRAINABLE:
-        return train_study_model(study, progress)
-    return load_checkpoint(study.checkpoint, study.model.arch)
+    arch = study.model.arch
+    if not study.checkpoint.exists():
+        if arch in TRAINABLE:
+            return train_study_model(study, progress)
+        raise CheckpointError(
+            f"checkpoint {study.checkpoint} does not exist; approxtune trains only {', '.join(TRAINABLE)}, so a "
+            f"{arch} study needs the trained model's checkpoint: put it there or set model.checkpoint in {study.path} "
+            f"(Cohen et al.'s checkpoint.pth.tar files, e.g. models/cifar10/resnet110/noise_0.50/checkpoint.pth.tar "
+            f"from their release, load as they are)"
+        )
+    return load_checkpoint(study.checkpoint, arch)
 
 
 def expected_meta(study: Study, model: nn.Module, inputs: Inputs, split: str) -> CacheMeta:

@@ -194,14 +194,17 @@ def feasible(trial: optuna.trial.FrozenTrial) -> bool:
 
 
 def storage(url: str) -> optuna.storages.BaseStorage:
-    """An RDB storage with heartbeats, so that a trial of a killed worker is failed and retried."""
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    """An RDB storage with heartbeats: a trial whose worker died is marked FAIL and enqueued again (twice at most)."""
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
     return RDBStorage(
         url,
         heartbeat_interval=30,
         grace_period=90,
-        failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
+        heartbeat_stale_trial_callback=retry,
         engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
     )
 

@@ -112,3 +112,10 @@ def test_bad_settings(base):
         IRSSettings(n_p=10, gamma=0.4)
     with pytest.raises(ValueError, match="inputs given"):
         certify_irs(model, inputs.x[:3], cache, IRSSettings(n_p=10))
+
+
+def test_no_certified_input_gives_zero_radii_without_sampling(base):
+    model, inputs, cache = base
+    empty = type(cache)(**{**cache.__dict__, "c_hat": (cache.label + 1) % 3})
+    result = certify_irs(model, inputs.x, empty, IRSSettings(n_p=N_P))
+    assert result.samples == 0 and result.acr == 0.0 and not result.evaluated.any()
