@@ -1,7 +1,11 @@
 """The command line end to end on a tiny digits study: train, certify, tune, resume, front, dashboard, bad input."""
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 
 import optuna
 import pytest
@@ -157,3 +161,64 @@ def test_front_without_a_study(tmp_path, monkeypatch, capsys):
     (tmp_path / "s.toml").write_text("")
     assert main(["front", "s.toml"]) == 2
     assert "run `approxtune tune s.toml` first" in capsys.readouterr().err
+
+
+def _start_tune(root, study):
+    return subprocess.Popen(
+        [sys.executable, "-m", "approxtune.cli", "tune", str(study)],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def _wait_for_trials(proc, count):
+    """Read stderr until ``count`` trial lines have been printed; returns them."""
+    lines = []
+    for line in proc.stderr:
+        if line.startswith("trial "):
+            lines.append(line)
+            if len(lines) >= count:
+                return lines
+    raise AssertionError("tune ended before printing enough trials")
+
+
+@pytest.mark.slow
+def test_ctrl_c_finishes_the_running_trial_and_prints_the_front(tmp_path):
+    study = tmp_path / "tiny.toml"
+    study.write_text(TINY.replace("trials = 9", "trials = 500"))
+    proc = _start_tune(tmp_path, study)
+    _wait_for_trials(proc, 2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "Stopping after the current trial" in err and "Traceback" not in err
+    assert "Pareto front" in out
+    db = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs/tiny/study.db'}")
+    states = [t.state for t in db.trials]
+    assert optuna.trial.TrialState.RUNNING not in states and optuna.trial.TrialState.FAIL not in states
+    assert 2 <= states.count(optuna.trial.TrialState.COMPLETE) < 500
+
+
+@pytest.mark.slow
+def test_killed_tune_continues_when_run_again(tmp_path):
+    study = tmp_path / "tiny.toml"
+    study.write_text(TINY)
+    proc = _start_tune(tmp_path, study)
+    _wait_for_trials(proc, 3)
+    proc.kill()
+    proc.communicate()
+    assert main_in(tmp_path, ["tune", str(study)]) == 0
+    db = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs/tiny/study.db'}")
+    assert len(db.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 9
+
+
+def main_in(directory, argv):
+    cwd = os.getcwd()
+    os.chdir(directory)
+    try:
+        return main(argv)
+    finally:
+        os.chdir(cwd)
