@@ -147,7 +147,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     attrs = search.study_attrs(study, cache, base_accuracy, model)
     optuna_study = search.create_study(study, attrs)
     layers = search.searched_layers(study, model)
-    enqueued = search.enqueue_baselines(optuna_study, study, layers)
+    enqueued = search.enqueue_baselines(optuna_study, study, layers) if study.search.baselines else []
     done = len(optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     remaining = max(0, study.search.trials - done)
     console.print(
@@ -211,6 +211,58 @@ def cmd_front(args: argparse.Namespace) -> None:
     _show_front(study, optuna_study, as_json=args.json)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from approxtune import export
+
+    study = load_study(args.study)
+    device = pipeline.resolve_device(study, args.device)
+
+    def on_chosen(trial: optuna.trial.FrozenTrial, reason: str) -> None:
+        attrs = trial.user_attrs
+        out.print(
+            f"Chosen trial: {trial.number} ({reason}): search ACR {trial.values[0]:.4f}, accuracy "
+            f"{trial.values[1]:.3f}, {int(trial.values[2]):,} bytes ({attrs.get('size_ratio', float('nan')):.1%} of "
+            f"fp32); {attrs.get('summary', '')}",
+            highlight=False,
+        )
+        if not search.feasible(trial):
+            console.print(f"[yellow]Trial {trial.number} violates the study's constraints (it is not feasible).[/]")
+
+    result = export.export_trial(
+        study,
+        args.out,
+        trial=args.trial,
+        min_acr=args.min_acr,
+        max_accuracy_drop=args.max_accuracy_drop,
+        recheck=args.recheck,
+        force=args.force,
+        device=device,
+        progress=progress_bar,
+        log=console.print,
+        on_chosen=on_chosen,
+    )
+    cert = result.certificate
+    out.print(export.certificate_table(cert))
+    out.print(cert["explanation"], highlight=False)
+    reproduced, recorded = cert["search"]["reproduced_acr"], cert["search"]["acr"]
+    if not np.isclose(reproduced, recorded, rtol=0, atol=1e-9):
+        console.print(
+            f"[yellow]The exported model's search-set ACR is {reproduced:.6f}, the trial recorded {recorded:.6f} "
+            "(different device or thread count?).[/]"
+        )
+    out.print(
+        f"Wrote {result.path}: weights {result.payload_bytes:,} bytes (the reported size {result.size_bytes:,}) + "
+        f"header {result.header_bytes:,} bytes; model.pt2 (torch.export); certificate.json; "
+        f"sha256 {result.sha256[:16]}...; {result.seconds:.1f}s",
+        highlight=False,
+    )
+    out.print(
+        f"Attached certificate.json and front.png to trial {cert['trial']}: optuna-dashboard {study.storage} "
+        f"--artifact-dir {export.artifact_dir(study)}",
+        highlight=False,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="approxtune", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -235,6 +287,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", help="study file (TOML)")
     p.add_argument("--json", action="store_true", help="print the front as JSON")
     p.set_defaults(func=cmd_front)
+
+    p = sub.add_parser(
+        "export",
+        help="export a trial's compressed model (weights, torch.export program) with a held-out certificate",
+        description="Export trial N (--trial), or the smallest Pareto-front model that satisfies a rule (--min-acr "
+        "and/or --max-accuracy-drop, both must hold), to DIR: weights.bin + index.json (the compressed weights), "
+        "config.json, model.pt2 (loads with torch.export.load, no approxtune needed) and certificate.json (the "
+        "model re-certified on the held-out report inputs with fresh noise). Load it with approxtune.load_model(DIR).",
+    )
+    p.add_argument("study", help="study file (TOML)")
+    p.add_argument("--trial", type=int, metavar="N", help="the trial number to export")
+    p.add_argument("--min-acr", type=float, metavar="X", help="rule: smallest front model with search ACR >= X")
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        metavar="Y",
+        help="rule: smallest front model whose clean accuracy is at most Y below the base model's (fraction, 0..1)",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing export in DIR")
+    p.add_argument(
+        "--recheck",
+        choices=("irs", "scratch"),
+        default="irs",
+        help="held-out certificate: IRS against the report inputs' base cache (default), or Cohen's CERTIFY of the "
+        "exported model from scratch on fresh noise",
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), help="override certify.device")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
