@@ -9,21 +9,65 @@ For an input whose cached certificate predicts its label (``c_hat == label``, ``
 * the direct bound ``p_d = LowerConfidenceBound(#{f^p = c_hat}, n_p, 1 - alpha_d)`` on f^p's own counts, giving the
   *direct radius* ``sigma * Phi^-1(p_d)``, wrong only if that bound (level ``alpha_d``) failed.
 
-Modes (both report their true confidence ``1 - (alpha + alpha_zeta + alpha_d)`` by the union bound):
+Modes ("max" and "gamma" report ``1 - (alpha + alpha_zeta + alpha_d)`` by the union bound):
 
 * ``"max"`` (default): the larger of the two radii.  It can be wrong only if one of the three bounds failed.
 * ``"gamma"``: the paper's Algorithm 2: the zeta radius when the cached ``p_a < gamma``, the direct radius otherwise
   (the paper runs the direct bound at ``alpha + alpha_zeta``; set ``alpha_d`` to that to reproduce it).  The branch is
   chosen from ``p_a``, which was computed on the very samples that are replayed, so the paper's stated
   ``1 - (alpha + alpha_zeta)`` does not follow from Theorem 4; we report the union bound.
+* ``"tail"``: per-input sample counts and branches decided from the *tail* of the cache only (below); true confidence
+  ``1 - (alpha + max(alpha_zeta, alpha_d))``.
 
 Inputs where g abstained or predicted another class get radius 0 and cost no samples: no zeta can turn them into a
 certificate of the true label.
+
+Tail mode: decisions from samples that f^p never sees
+------------------------------------------------------
+The cache holds f's class on ``n`` i.i.d. estimation samples eps_1..eps_n of each input (c_hat comes from the
+independent selection stream).  Split them into the *prefix* eps_1..eps_m, ``m = n - n_tail``, the only samples any
+replay may touch, and the *tail* eps_{m+1}..eps_n, which f^p never sees.  For input i the tail gives
+``q_i = #{f = c_hat on the tail} / n_tail``, an estimate of ``P(f = c_hat)``; from it alone (never from ``p_a``, which
+is computed on all ``n`` samples, prefix included) we judge the radius each branch can *plausibly* reach with ``k``
+samples, treating f's tail frequency as f^p's expected frequency of c_hat and zero disagreement as the expected one:
+
+* direct: ``sigma Phi^-1(LCB(round(k q_i), k, alpha_d))``;
+* zeta: ``sigma Phi^-1(p~_i - UCB(0, k, alpha_zeta))``, ``p~_i = LCB(round(n q_i), n, alpha)`` standing in for p_a.
+
+The budget ``n_p x (inputs evaluated)`` is split by equalising the marginal plausible radius per sample (greedy in
+blocks of ``block`` samples over the upper concave hull of each input's plausible-radius curve, capped at ``m``);
+inputs whose plausible radius is 0 at every count get none.  Optionally (``pilot``) f^p first runs on the first
+``pilot`` tail samples of each input (paid from the budget); its disagreement with f there, shrunk halfway to the
+pooled rate, gives the disagreement ``d_i`` and the drop of c_hat's frequency ``l_i`` that the plausible radii
+expect (f^p's frequency ``q_i - l_i``, zeta ``UCB(round(k d_i), k, alpha_zeta)``) -- still samples that no replay
+uses.  Each input then replays its own ``k_i <= m`` samples and reports the radius of the branch that is plausibly
+larger at ``k_i``; IRS refuses any ``n_p`` or count reaching into the tail.
+
+Why this costs nothing. Let A = {p_a > P(f = c_hat)} (probability <= alpha), Z_k = {zeta_k < P(f^p != f)} and D_k =
+{p_d,k > P(f^p = c_hat)}, zeta_k and p_d,k computed on f^p's and f's classes on eps_1..eps_k. Let T be everything
+the decisions read: every input's tail and selection samples, f^p's classes on the pilot samples (part of the tail),
+and (for the gate "g certifies the label", p_a > 1/2) the other inputs' caches. Given T, input i's prefix samples
+are still i.i.d. N(0, sigma^2 I), so with (k_i, b_i) a function of T, P(Z_k_i | T) <= alpha_zeta and P(D_k_i | T) <=
+alpha_d. The zeta branch can be wrong only under A or Z, the direct branch only under D, hence
+
+    P(wrong) <= P(A) + E[1{b_i = zeta} P(Z | T)] + E[1{b_i = direct} P(D | T)]
+            <= alpha + alpha_zeta P(zeta branch) + alpha_d P(direct branch) <= alpha + max(alpha_zeta, alpha_d).
+
+A cannot be conditioned the same way (p_a reads the tail too, so A may fall entirely on the zeta branch), so alpha
+is paid in full and the level is *not* max(alpha + alpha_zeta, alpha_d); but conditionally on either branch the
+zeta/direct bounds keep their own levels (tests/test_irs_tail.py checks the direct one against its exact value).
+Input i's own gate (p_a > 1/2) only *removes* certificates: on the event that i is evaluated its count and branch
+equal those of a rule that reads T alone, and a subset of an event is no more likely. Had the branch read p_a or the
+replayed prefix, {b = direct} would be correlated with D (p_a and f's prefix counts move with f^p's prefix counts)
+and only the union bound ``alpha + alpha_zeta + alpha_d`` would remain (or, for a fixed-n_p threshold on p_a, the
+finer max(alpha + alpha_zeta, alpha_zeta + alpha_d) of the design notes); a *count* chosen by looking at the
+replayed samples (optional stopping) breaks even the union bound.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import heapq
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import numpy as np
@@ -35,23 +79,44 @@ from approxtune.certification import DEFAULT_BATCH_SIZE, Progress, predict_under
 from approxtune.noise import Stream
 from approxtune.statistics import acr, certified_accuracy, lower_confidence_bound, radius, upper_confidence_bound
 
-__all__ = ["IRSResult", "IRSSettings", "Mode", "certify_irs", "estimate_zeta", "replay"]
+__all__ = [
+    "IRSResult",
+    "IRSSettings",
+    "Mode",
+    "allocate_samples",
+    "certify_irs",
+    "estimate_zeta",
+    "plausible_radii",
+    "replay",
+    "tail_frequency",
+]
 
 
 class Mode(StrEnum):
     MAX = "max"
     GAMMA = "gamma"
+    TAIL = "tail"
 
 
 @dataclass(frozen=True)
 class IRSSettings:
-    """``n_p`` replayed samples per input; levels of the zeta and direct bounds; branch rule."""
+    """``n_p`` replayed samples per input; levels of the zeta and direct bounds; branch rule.
+
+    Tail mode only: ``n_tail`` cached samples at the end of each input's ``n`` are reserved for decisions and never
+    replayed (default ``n // 2``); ``allocate`` spreads the budget ``n_p x (inputs evaluated)`` over the inputs
+    (otherwise every input gets ``n_p``); ``block`` is the allocation's step in samples; ``pilot`` tail samples per
+    input are run through f^p first (paid from the budget) to estimate the disagreement the plausible radii expect.
+    """
 
     n_p: int
     alpha_zeta: float = 0.0005
     alpha_d: float = 0.0005
     mode: Mode = Mode.MAX
     gamma: float = 0.99
+    n_tail: int | None = None
+    allocate: bool = True
+    block: int = 16
+    pilot: int = 0
 
     def __post_init__(self) -> None:
         if self.n_p < 1:
@@ -61,11 +126,37 @@ class IRSSettings:
                 raise ValueError(f"{name} must lie in (0, 0.5), got {getattr(self, name)}")
         if not 0.5 < self.gamma <= 1.0:
             raise ValueError(f"gamma must lie in (0.5, 1], got {self.gamma}")
+        if self.n_tail is not None and self.n_tail < 1:
+            raise ValueError(f"n_tail must be at least 1, got {self.n_tail}")
+        if self.block < 1:
+            raise ValueError(f"block must be at least 1, got {self.block}")
+        if self.pilot < 0:
+            raise ValueError(f"pilot must be non-negative, got {self.pilot}")
         object.__setattr__(self, "mode", Mode(self.mode))
 
     def total_alpha(self, alpha: float) -> float:
-        """Probability bound on a wrong IRS certificate, given the base certificate's ``alpha`` (union bound)."""
+        """Probability bound on a wrong IRS certificate, given the base certificate's ``alpha``.
+
+        "max"/"gamma": the union bound ``alpha + alpha_zeta + alpha_d``; "tail": ``alpha + max(alpha_zeta, alpha_d)``
+        (branch and count independent of the replayed samples; see the module docstring).
+        """
+        if self.mode is Mode.TAIL:
+            return alpha + max(self.alpha_zeta, self.alpha_d)
         return alpha + self.alpha_zeta + self.alpha_d
+
+    def tail_length(self, n: int) -> int:
+        """``n_tail`` for a cache of ``n`` samples per input; checks that ``n_p`` stays out of the tail."""
+        n_tail = n // 2 if self.n_tail is None else self.n_tail
+        if not 1 <= n_tail < n:
+            raise ValueError(f"n_tail = {n_tail} must lie in [1, n) for a cache of n = {n}")
+        if self.n_p > n - n_tail:
+            raise ValueError(
+                f"n_p = {self.n_p} reaches into the tail: only the first n - n_tail = {n - n_tail} cached samples "
+                "may be replayed when branches and counts are decided from the tail"
+            )
+        if self.pilot > n_tail or self.pilot >= self.n_p:
+            raise ValueError(f"pilot = {self.pilot} must be below n_p = {self.n_p} and at most n_tail = {n_tail}")
+        return n_tail
 
 
 @dataclass
@@ -75,7 +166,9 @@ class IRSResult:
     ``radius``: certified radius counted for ACR (0 unless the cache predicts the label and a branch certifies);
     ``evaluated``: inputs that were replayed; ``disagreements``: #{f^p != f} among the ``n_p`` replayed samples;
     ``zeta``: upper bound on P(f^p != f) (NaN where not evaluated); ``direct_count``: #{f^p = c_hat};
-    ``direct_won``: the direct radius was the one reported and was positive.
+    ``direct_won``: the direct radius was the one reported and was positive; ``counts``: samples replayed per input
+    (``n_p`` on evaluated inputs except in tail mode); ``branch_direct``: the branch chosen (True: direct) on evaluated
+    inputs, whatever its radius; ``n_tail``: samples reserved for decisions (tail mode, else 0).
     """
 
     radius: np.ndarray
@@ -86,6 +179,10 @@ class IRSResult:
     direct_won: np.ndarray
     n_p: int
     alpha: float
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    branch_direct: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    n_tail: int = 0
+    pilot_samples: int = 0
 
     @property
     def acr(self) -> float:
@@ -93,6 +190,8 @@ class IRSResult:
 
     @property
     def samples(self) -> int:
+        if len(self.counts) == len(self.evaluated):
+            return int(self.counts.sum()) + self.pilot_samples
         return int(self.evaluated.sum()) * self.n_p
 
     @property
@@ -157,6 +256,247 @@ def estimate_zeta(
     return upper_confidence_bound(_disagreements(preds, cache, rows, n_p), n_p, alpha_zeta)
 
 
+def tail_frequency(cache: BaseCache, rows: np.ndarray, n_tail: int) -> np.ndarray:
+    """Share of the last ``n_tail`` cached samples of each input in ``rows`` on which f predicted ``c_hat``."""
+    n = cache.meta.n
+    if not 1 <= n_tail < n:
+        raise ValueError(f"n_tail = {n_tail} must lie in [1, n) for a cache of n = {n}")
+    if not len(rows):
+        return np.zeros(0)
+    tail = np.asarray(cache.predictions[rows, n - n_tail :])
+    return (tail == cache.c_hat[rows, None]).sum(axis=1) / n_tail
+
+
+def plausible_radii(
+    q: np.ndarray,
+    k: np.ndarray,
+    *,
+    n: int,
+    alpha: float,
+    alpha_zeta: float,
+    alpha_d: float,
+    sigma: float,
+    d: np.ndarray | float = 0.0,
+    drop: np.ndarray | float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(direct, zeta)`` radii plausibly reached with ``k`` replayed samples when f's tail frequency of c_hat is ``q``.
+
+    direct: ``sigma Phi^-1(LCB(round(k q), k, alpha_d))`` (the expected count of c_hat, not the best case);
+    zeta: ``sigma Phi^-1(LCB(round(n q), n, alpha) - UCB(0, k, alpha_zeta))`` (p_a as the tail predicts it, zeta at its
+    zero-disagreement floor).  With an expected disagreement rate ``d`` and an expected drop of the frequency of c_hat
+    from f to f^p ``drop`` (default ``d``; both from a pilot on tail samples), f^p's frequency of c_hat is taken as
+    ``q - drop`` and zeta as ``UCB(round(k d), k, alpha_zeta)``.  Arguments broadcast; ``k >= 1``.
+    """
+    drop = d if drop is None else drop
+    q, k, d, drop = np.broadcast_arrays(
+        np.asarray(q, dtype=np.float64),
+        np.asarray(k, dtype=np.int64),
+        np.asarray(d, dtype=np.float64),
+        np.asarray(drop, dtype=np.float64),
+    )
+    q_p = np.clip(q - drop, 0.0, 1.0)
+    direct = radius(lower_confidence_bound(np.round(k * q_p), k, alpha_d), sigma)
+    p_tilde = lower_confidence_bound(np.round(n * q), n, alpha)
+    zeta = radius(p_tilde - upper_confidence_bound(np.round(k * np.clip(d, 0.0, 1.0)), k, alpha_zeta), sigma)
+    return direct, zeta
+
+
+def _upper_hull(ks: np.ndarray, rs: np.ndarray) -> list[tuple[int, float]]:
+    """Vertices of the upper concave hull of ``(0, 0)`` and the points ``(ks, rs)``, up to the highest radius."""
+    top = int(np.argmax(rs))
+    hull: list[tuple[int, float]] = [(0, 0.0)]
+    for k, r in zip(ks[: top + 1].tolist(), rs[: top + 1].tolist(), strict=True):
+        while len(hull) >= 2:
+            (k1, r1), (k2, r2) = hull[-2], hull[-1]
+            if (r2 - r1) * (k - k1) <= (r - r1) * (k2 - k1):  # the middle point lies on or below the chord
+                hull.pop()
+            else:
+                break
+        hull.append((k, r))
+    return hull
+
+
+def allocate_samples(
+    q: np.ndarray,
+    budget: int,
+    cap: int,
+    *,
+    n: int,
+    alpha: float,
+    alpha_zeta: float,
+    alpha_d: float,
+    sigma: float,
+    block: int = 16,
+    d: np.ndarray | float = 0.0,
+    drop: np.ndarray | float | None = None,
+) -> np.ndarray:
+    """Per-input sample counts (each ``<= cap``) from the tail frequencies ``q`` alone, spending ``budget`` in all.
+
+    Greedy in steps of ``block`` samples on the upper concave hull of each input's plausible radius
+    ``max(plausible_radii(q, k))`` over ``k = block, 2 block, .., cap``: the next step always goes to the input whose
+    plausible radius rises most per sample, which equalises the marginal radius per sample.  Inputs whose plausible
+    radius is 0 at every count get nothing.  Budget left once every input's hull is exhausted is spread over the
+    inputs that can be certified, up to ``cap``; so the counts sum to ``min(budget, cap x #certifiable)``.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    if budget < 0 or cap < 0 or block < 1:
+        raise ValueError("budget and cap must be non-negative and block positive")
+    counts = np.zeros(len(q), dtype=np.int64)
+    if not len(q) or cap == 0 or budget == 0:
+        return counts
+    ks = np.arange(block, cap + 1, block, dtype=np.int64)
+    if not len(ks) or ks[-1] != cap:
+        ks = np.append(ks, cap)
+    d = np.broadcast_to(np.asarray(d, dtype=np.float64), q.shape)
+    drop = d if drop is None else np.broadcast_to(np.asarray(drop, dtype=np.float64), q.shape)
+    direct, zeta = plausible_radii(
+        q[:, None],
+        ks[None, :],
+        n=n,
+        alpha=alpha,
+        alpha_zeta=alpha_zeta,
+        alpha_d=alpha_d,
+        sigma=sigma,
+        d=d[:, None],
+        drop=drop[:, None],
+    )
+    curve = np.maximum(direct, zeta)
+    useful = np.flatnonzero(curve.max(axis=1) > 0)
+    hulls = {int(i): _upper_hull(ks, curve[i]) for i in useful}
+    position = dict.fromkeys(hulls, 1)  # index of the hull vertex that the current segment ends at
+    heap = []
+    for i, hull in hulls.items():
+        (k0, r0), (k1, r1) = hull[0], hull[1]
+        heapq.heappush(heap, (-(r1 - r0) / (k1 - k0), i))
+    left = int(budget)
+    while heap and left > 0:
+        _, i = heapq.heappop(heap)
+        hull, j = hulls[i], position[i]
+        step = min(block, hull[j][0] - int(counts[i]), left)
+        counts[i] += step
+        left -= step
+        if counts[i] == hull[j][0]:
+            j += 1
+            position[i] = j
+        if j < len(hull):
+            (k0, r0), (k1, r1) = hull[j - 1], hull[j]
+            heapq.heappush(heap, (-(r1 - r0) / (k1 - k0), i))
+    while left > 0:  # every hull is exhausted: spread what is left over the certifiable inputs, up to cap
+        room = useful[counts[useful] < cap]
+        if not len(room):
+            break
+        for i in room:
+            step = min(block, cap - int(counts[i]), left)
+            counts[i] += step
+            left -= step
+            if left == 0:
+                break
+    return counts
+
+
+def _replay_counts(
+    model_p: nn.Module, x: torch.Tensor, cache: BaseCache, rows: np.ndarray, counts: np.ndarray, **kwargs
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(#{f^p != f}, #{f^p = c_hat})`` on the first ``counts[j]`` cached samples of input ``rows[j]``."""
+    if len(x) != len(cache):
+        raise ValueError(f"{len(x)} inputs given for a cache of {len(cache)} inputs")
+    if not len(rows):
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    width = int(counts.max())
+    preds = predict_under_noise(
+        model_p,
+        x[torch.as_tensor(rows, dtype=torch.long)],
+        cache.seed[rows],
+        Stream.ESTIMATION,
+        0,
+        counts,
+        cache.meta.sigma,
+        block_size=cache.meta.block_size,
+        **kwargs,
+    )
+    used = np.arange(width)[None, :] < counts[:, None]
+    dis = ((preds != np.asarray(cache.predictions[rows, :width])) & used).sum(axis=1)
+    hits = ((preds == cache.c_hat[rows, None]) & used).sum(axis=1)
+    return dis.astype(np.int64), hits.astype(np.int64)
+
+
+def _certify_tail(model_p: nn.Module, x: torch.Tensor, cache: BaseCache, settings: IRSSettings, **kwargs) -> IRSResult:
+    n, sigma, alpha = cache.meta.n, cache.meta.sigma, cache.meta.alpha
+    n_tail = settings.tail_length(n)
+    prefix = n - n_tail
+    if len(x) != len(cache):
+        raise ValueError(f"{len(x)} inputs given for a cache of {len(cache)} inputs")
+    gated = np.flatnonzero(cache.certified)
+    q = tail_frequency(cache, gated, n_tail)
+    levels = {"n": n, "alpha": alpha, "alpha_zeta": settings.alpha_zeta, "alpha_d": settings.alpha_d, "sigma": sigma}
+    d = np.zeros(len(gated))
+    drop = np.zeros(len(gated))
+    pilot = settings.pilot if len(gated) else 0
+    if pilot:  # f^p on the first `pilot` tail samples: never replayed, so the decisions stay independent of the prefix
+        preds = predict_under_noise(
+            model_p,
+            x[torch.as_tensor(gated, dtype=torch.long)],
+            cache.seed[gated],
+            Stream.ESTIMATION,
+            prefix,
+            prefix + pilot,
+            sigma,
+            block_size=cache.meta.block_size,
+            **kwargs,
+        )
+        f_pilot = np.asarray(cache.predictions[gated, prefix : prefix + pilot])
+        dis_pilot = (preds != f_pilot).sum(axis=1)
+        lost = (f_pilot == cache.c_hat[gated, None]).sum(axis=1) - (preds == cache.c_hat[gated, None]).sum(axis=1)
+        d = (dis_pilot + dis_pilot.mean()) / (2 * pilot)  # each shrunk halfway to the pooled rate
+        drop = (lost + lost.mean()) / (2 * pilot)
+    budget = max(0, (settings.n_p - pilot) * len(gated))
+    if settings.allocate:
+        counts = allocate_samples(q, budget, prefix, block=settings.block, d=d, drop=drop, **levels)
+    else:
+        counts = np.full(len(gated), settings.n_p - pilot, dtype=np.int64)
+    if np.any(counts > prefix):  # never: allocate_samples caps at the prefix; kept as the guard the argument needs
+        raise ValueError("a per-input count reaches into the tail")
+    keep = counts > 0
+    rows, counts, q, d, drop = gated[keep], counts[keep], q[keep], d[keep], drop[keep]
+    plaus_direct, plaus_zeta = plausible_radii(q, np.maximum(counts, 1), d=d, drop=drop, **levels)
+    use_direct = plaus_direct > plaus_zeta  # decided before f^p runs, from the tail alone
+
+    dis, hits = _replay_counts(model_p, x, cache, rows, counts, **kwargs)
+    zeta = upper_confidence_bound(dis, counts, settings.alpha_zeta) if len(rows) else np.zeros(0)
+    r_zeta = radius(cache.p_a[rows] - zeta, sigma)
+    p_direct = lower_confidence_bound(hits, counts, settings.alpha_d) if len(rows) else np.zeros(0)
+    r_direct = radius(p_direct, sigma)
+    chosen = np.where(use_direct, r_direct, r_zeta)
+
+    out = _empty_result(len(cache), settings.n_p, settings.total_alpha(alpha))
+    out.n_tail = n_tail
+    out.pilot_samples = pilot * len(gated)
+    out.radius[rows] = chosen
+    out.evaluated[rows] = True
+    out.disagreements[rows] = dis
+    out.zeta[rows] = zeta
+    out.direct_count[rows] = hits
+    out.direct_won[rows] = use_direct & (chosen > 0)
+    out.counts[rows] = counts
+    out.branch_direct[rows] = use_direct
+    return out
+
+
+def _empty_result(n: int, n_p: int, alpha: float) -> IRSResult:
+    return IRSResult(
+        radius=np.zeros(n),
+        evaluated=np.zeros(n, dtype=bool),
+        disagreements=np.zeros(n, dtype=np.int64),
+        zeta=np.full(n, np.nan),
+        direct_count=np.zeros(n, dtype=np.int64),
+        direct_won=np.zeros(n, dtype=bool),
+        n_p=n_p,
+        alpha=alpha,
+        counts=np.zeros(n, dtype=np.int64),
+        branch_direct=np.zeros(n, dtype=bool),
+    )
+
+
 def certify_irs(
     model_p: nn.Module,
     x: torch.Tensor,
@@ -168,6 +508,8 @@ def certify_irs(
     progress: Progress | None = None,
 ) -> IRSResult:
     """Certify the smoothed approximation g^p on the cache's inputs (``x``: the same inputs, in cache order)."""
+    if settings.mode is Mode.TAIL:
+        return _certify_tail(model_p, x, cache, settings, batch_size=batch_size, device=device, progress=progress)
     n_p, sigma = settings.n_p, cache.meta.sigma
     rows = np.flatnonzero(cache.certified)
     preds = replay(model_p, x, cache, rows, n_p, batch_size=batch_size, device=device, progress=progress)
@@ -181,21 +523,13 @@ def certify_irs(
     use_direct = (r_direct > r_zeta) if settings.mode is Mode.MAX else (cache.p_a[rows] >= settings.gamma)
     chosen = np.where(use_direct, r_direct, r_zeta)
 
-    n = len(cache)
-    out = IRSResult(
-        radius=np.zeros(n),
-        evaluated=np.zeros(n, dtype=bool),
-        disagreements=np.zeros(n, dtype=np.int64),
-        zeta=np.full(n, np.nan),
-        direct_count=np.zeros(n, dtype=np.int64),
-        direct_won=np.zeros(n, dtype=bool),
-        n_p=n_p,
-        alpha=settings.total_alpha(cache.meta.alpha),
-    )
+    out = _empty_result(len(cache), n_p, settings.total_alpha(cache.meta.alpha))
     out.radius[rows] = chosen
     out.evaluated[rows] = True
     out.disagreements[rows] = disagreements
     out.zeta[rows] = zeta
     out.direct_count[rows] = direct_count
     out.direct_won[rows] = use_direct & (chosen > 0)
+    out.counts[rows] = n_p
+    out.branch_direct[rows] = use_direct
     return out
