@@ -95,18 +95,26 @@ def predict_under_noise(
         pieces.clear()
         fill = 0
 
+    # x + sigma * eps is computed with numpy on views of the same memory: numpy's elementwise ops stay on this thread,
+    # while torch splits a block of more than 32k numbers (64 CIFAR samples) across its thread pool, which stalls
+    # whenever another process holds a core.  The same IEEE float32 operations, so the same bits.
+    buf_np, scratch_np, inputs_np = buf.numpy(), scratch.numpy(), inputs_cpu.numpy()
+    scale = np.float32(sigma)
+
     with torch.inference_mode():
         for i in range(n_inputs):
             seed = int(seeds[i])
             col = 0
             for block, lo, hi in blocks(int(starts[i]), int(stops[i]), block_size):
                 length = hi - lo
-                dest = buf[fill : fill + length]
                 if lo == 0:  # the block starts here: draw it in place (the buffer has room for a whole block)
                     noise_block(seed, stream, block, shape, block_size, out=buf[fill : fill + block_size])
                 else:
-                    dest.copy_(noise_block(seed, stream, block, shape, block_size, out=scratch)[lo:hi])
-                dest.mul_(sigma).add_(inputs_cpu[i])
+                    noise_block(seed, stream, block, shape, block_size, out=scratch)
+                    buf_np[fill : fill + length] = scratch_np[lo:hi]
+                dest = buf_np[fill : fill + length]
+                np.multiply(dest, scale, out=dest)
+                np.add(dest, inputs_np[i], out=dest)
                 pieces.append((i, col, fill, length))
                 fill += length
                 col += length
