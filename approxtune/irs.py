@@ -468,22 +468,28 @@ def _certify_tail(model_p: nn.Module, x: torch.Tensor, cache: BaseCache, setting
     r_direct = radius(p_direct, sigma)
     chosen = np.where(use_direct, r_direct, r_zeta)
 
-    out = _empty_result(len(cache), settings.n_p, settings.total_alpha(alpha))
+    out = _result(
+        len(cache), settings.n_p, settings.total_alpha(alpha), rows, chosen, use_direct, dis, zeta, hits, counts
+    )
     out.n_tail = n_tail
     out.pilot_samples = pilot * len(gated)
-    out.radius[rows] = chosen
-    out.evaluated[rows] = True
-    out.disagreements[rows] = dis
-    out.zeta[rows] = zeta
-    out.direct_count[rows] = hits
-    out.direct_won[rows] = use_direct & (chosen > 0)
-    out.counts[rows] = counts
-    out.branch_direct[rows] = use_direct
     return out
 
 
-def _empty_result(n: int, n_p: int, alpha: float) -> IRSResult:
-    return IRSResult(
+def _result(
+    n: int,
+    n_p: int,
+    alpha: float,
+    rows: np.ndarray,
+    radius: np.ndarray,
+    use_direct: np.ndarray,
+    disagreements: np.ndarray,
+    zeta: np.ndarray,
+    direct_count: np.ndarray,
+    counts: np.ndarray | int,
+) -> IRSResult:
+    """An :class:`IRSResult` for ``n`` inputs holding the given per-row values at ``rows`` (evaluated inputs)."""
+    out = IRSResult(
         radius=np.zeros(n),
         evaluated=np.zeros(n, dtype=bool),
         disagreements=np.zeros(n, dtype=np.int64),
@@ -495,6 +501,15 @@ def _empty_result(n: int, n_p: int, alpha: float) -> IRSResult:
         counts=np.zeros(n, dtype=np.int64),
         branch_direct=np.zeros(n, dtype=bool),
     )
+    out.radius[rows] = radius
+    out.evaluated[rows] = True
+    out.disagreements[rows] = disagreements
+    out.zeta[rows] = zeta
+    out.direct_count[rows] = direct_count
+    out.direct_won[rows] = use_direct & (radius > 0)
+    out.counts[rows] = counts
+    out.branch_direct[rows] = use_direct
+    return out
 
 
 def certify_irs(
@@ -523,13 +538,5 @@ def certify_irs(
     use_direct = (r_direct > r_zeta) if settings.mode is Mode.MAX else (cache.p_a[rows] >= settings.gamma)
     chosen = np.where(use_direct, r_direct, r_zeta)
 
-    out = _empty_result(len(cache), n_p, settings.total_alpha(cache.meta.alpha))
-    out.radius[rows] = chosen
-    out.evaluated[rows] = True
-    out.disagreements[rows] = disagreements
-    out.zeta[rows] = zeta
-    out.direct_count[rows] = direct_count
-    out.direct_won[rows] = use_direct & (chosen > 0)
-    out.counts[rows] = n_p
-    out.branch_direct[rows] = use_direct
-    return out
+    alpha = settings.total_alpha(cache.meta.alpha)
+    return _result(len(cache), n_p, alpha, rows, chosen, use_direct, disagreements, zeta, direct_count, n_p)
