@@ -9,6 +9,7 @@ import sys
 
 import optuna
 import pytest
+from _wsgi import wsgi_get
 
 from approxtune.cli import main
 
@@ -111,19 +112,7 @@ def test_dashboard_serves_the_study(tuned):
     app = wsgi(storage)
 
     def get(path, query=""):
-        status = []
-        environ = {
-            "REQUEST_METHOD": "GET",
-            "PATH_INFO": path,
-            "QUERY_STRING": query,
-            "SERVER_NAME": "localhost",
-            "SERVER_PORT": "80",
-            "wsgi.url_scheme": "http",
-            "wsgi.input": __import__("io").BytesIO(),
-        }
-        body = b"".join(app(environ, lambda s, h, *a: status.append(s)))
-        assert status[0].startswith("200"), status
-        return json.loads(body)
+        return json.loads(wsgi_get(app, path, query))
 
     summaries = get("/api/studies")["study_summaries"]
     tiny = next(s for s in summaries if s["study_name"] == "tiny")

@@ -14,6 +14,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
+from _wsgi import wsgi_get
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
 from optuna.trial import TrialState
 
@@ -54,15 +55,6 @@ trials = 9
 """
 REPO = str(Path(export.__file__).resolve().parents[1])
 EXPORT_FILES = {"weights.bin", "index.json", "config.json", "model.pt2", "certificate.json"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread on a loaded machine (and results do not depend on the thread count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -183,19 +175,7 @@ def test_dashboard_lists_the_artifacts_of_the_exported_trial(tuned, monkeypatch)
     app = wsgi(storage, artifact_store=FileSystemArtifactStore(root / "runs/export-tiny/artifacts"))
 
     def get(path, query=""):
-        status = []
-        environ = {
-            "REQUEST_METHOD": "GET",
-            "PATH_INFO": path,
-            "QUERY_STRING": query,
-            "SERVER_NAME": "localhost",
-            "SERVER_PORT": "80",
-            "wsgi.url_scheme": "http",
-            "wsgi.input": __import__("io").BytesIO(),
-        }
-        body = b"".join(app(environ, lambda s, h, *a: status.append(s)))
-        assert status[0].startswith("200"), status
-        return body
+        return wsgi_get(app, path, query)
 
     study_id = next(s["study_id"] for s in json.loads(get("/api/studies"))["study_summaries"])
     trials = json.loads(get(f"/api/studies/{study_id}", "after=0"))["trials"]

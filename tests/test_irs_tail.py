@@ -43,15 +43,6 @@ from approxtune.data import Inputs
 from approxtune.irs import IRSSettings, Mode, allocate_samples, certify_irs, plausible_radii, tail_frequency
 from approxtune.statistics import lower_confidence_bound, radius, upper_confidence_bound
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Allocation
 

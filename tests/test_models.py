@@ -30,15 +30,6 @@ from approxtune.models import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models run fastest on one thread, and a busy 2-core machine makes more threads spin (3x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

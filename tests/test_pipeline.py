@@ -29,14 +29,6 @@ REAL_STUDIES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _study(path: Path, dataset: str = "digits", root: str | Path = "", **data) -> Path:
     """A study file with a [data] section; other sections keep their defaults."""
     lines = [f'dataset = "{dataset}"'] + ([f'root = "{root}"'] if root else [])

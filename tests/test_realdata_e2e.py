@@ -58,15 +58,6 @@ prune = [0.0]
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models run fastest on one thread, and a busy 2-core machine makes more threads spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _expected(total: int, split_seed: int, report: int, search: int) -> dict[str, list[int]]:
     """Report: the first ``report`` of a seeded permutation of the dataset; search: the next ``search``; sorted."""
     order = np.random.default_rng(split_seed).permutation(total)

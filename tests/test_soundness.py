@@ -345,14 +345,7 @@ class Engine:
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    # One thread: a 16 -> 2 linear layer gains nothing from more, and on a busy machine OpenMP's spinning threads
-    # make each forward pass ~50x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _engine(tmp_path_factory)
-    finally:
-        torch.set_num_threads(threads)
+    return _engine(tmp_path_factory)
 
 
 def _engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
