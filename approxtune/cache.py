@@ -17,6 +17,15 @@ On-disk format (version 1): a directory holding ``meta.json`` and one ``.npy`` f
 place, so a reader never sees half a cache.  While a base certification runs, finished chunks of inputs are kept in
 ``<cache>.partial/``; a run that is killed and started again reuses them and ends with the same bytes as a run that
 was never interrupted (per-input noise makes every chunk independent of the others).
+
+**Split over processes or machines.**  The inputs are cut into chunks of about :data:`CHUNK_SAMPLES` noise samples
+(:func:`chunk_ranges`, the same cut for every process).  :func:`certify_shard` with shard ``i`` of ``k`` certifies
+chunks ``i, i + k, i + 2k, ...`` into ``<cache>.partial/`` (on storage the shards share, or copied together
+afterwards), and :func:`merge_base_cache` concatenates all chunks exactly as :func:`build_base_cache` does at its
+end, so the merged cache is byte-identical to a one-process run.  Every chunk file records the settings it was
+certified with; a merge refuses chunks of other settings (model, inputs, sigma, n, ...), chunks that do not line up
+with the cut (overlapping parts) and missing chunks.  Chunk files are written under a per-process name and renamed
+into place, so two processes that certify the same chunk (the same shard started twice) cannot corrupt it.
 """
 
 from __future__ import annotations
@@ -24,9 +33,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +54,14 @@ __all__ = [
     "BaseCache",
     "CacheError",
     "CacheMeta",
+    "ShardResult",
     "build_base_cache",
+    "certify_shard",
+    "chunk_ranges",
     "load_cache",
+    "merge_base_cache",
     "model_fingerprint",
+    "parse_shard",
 ]
 
 FORMAT_VERSION = 1
@@ -95,8 +111,11 @@ class CacheMeta:
             raise CacheError(f"cache metadata has keys {sorted(data)}, expected {sorted(names)}")
         return cls(**data)
 
-    def differences(self, other: CacheMeta) -> list[str]:
-        """Human-readable list of the settings in which ``other`` differs (num_classes is not a setting)."""
+    def differences(self, other: CacheMeta, have: str = "cache has") -> list[str]:
+        """Human-readable list of the settings in which ``other`` differs (num_classes is not a setting).
+
+        ``have`` introduces this side's value in the messages (``"sigma: cache has 0.5, requested 1.0"``).
+        """
         labels = {
             "model_fingerprint": "the model (weights fingerprint)",
             "inputs_fingerprint": "the input set (fingerprint of images, labels and indices)",
@@ -105,9 +124,9 @@ class CacheMeta:
         for f in fields(self):
             if f.name == "num_classes":
                 continue
-            mine, theirs = getattr(self, f.name), getattr(other, f.name)
-            if mine != theirs:
-                out.append(f"{labels.get(f.name, f.name)}: cache has {mine!r}, requested {theirs!r}")
+            value, theirs = getattr(self, f.name), getattr(other, f.name)
+            if value != theirs:
+                out.append(f"{labels.get(f.name, f.name)}: {have} {value!r}, requested {theirs!r}")
         return out
 
 
@@ -190,9 +209,166 @@ def load_cache(path: str | Path, mmap: bool = True) -> BaseCache:
     return BaseCache(meta=meta, **arrays)
 
 
-def _chunks(num_inputs: int, samples_per_input: int) -> list[tuple[int, int]]:
+def chunk_ranges(num_inputs: int, samples_per_input: int) -> list[tuple[int, int]]:
+    """The cut of the inputs into checkpointed chunks ``[lo, hi)``: the same for every process of a certification."""
     size = max(1, CHUNK_SAMPLES // samples_per_input)
     return [(lo, min(lo + size, num_inputs)) for lo in range(0, num_inputs, size)]
+
+
+_CHUNK_NAME = re.compile(r"^chunk-(\d{9})-(\d{9})\.npz$")
+_CHUNK_ARRAYS = ("c_hat", "count", "p_a", "radius", "predictions")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/k"`` -> ``(i, k)``: shard ``i`` (counted from 0) of ``k``; raises ValueError naming the fix."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match:
+        raise ValueError(f"--shard takes I/K (shard I of K, I counted from 0, e.g. 0/4), got {text!r}")
+    i, k = int(match.group(1)), int(match.group(2))
+    if k < 1 or not 0 <= i < k:
+        raise ValueError(f"--shard {text}: K must be at least 1 and I must lie in 0..K-1 (shards 0/{k} to {k - 1}/{k})")
+    return i, k
+
+
+@dataclass
+class ShardResult:
+    """What :func:`certify_shard` did: its chunks (certified now or found done) and the state of the whole run."""
+
+    shard: tuple[int, int]
+    certified: list[tuple[int, int]] = field(default_factory=list)
+    reused: list[tuple[int, int]] = field(default_factory=list)
+    chunks_done: int = 0
+    chunks_total: int = 0
+    partial: Path = Path()
+
+    @property
+    def complete(self) -> bool:
+        """Whether every chunk of the run is in ``partial`` (a merge can run)."""
+        return self.chunks_done == self.chunks_total
+
+
+def _meta(
+    model: nn.Module, inputs: Inputs, sigma: float, n0: int, n: int, alpha: float, seed: int, block_size: int
+) -> CacheMeta:
+    return CacheMeta(
+        sigma=float(sigma),
+        n0=int(n0),
+        n=int(n),
+        alpha=float(alpha),
+        seed=int(seed),
+        block_size=int(block_size),
+        num_inputs=len(inputs),
+        model_fingerprint=model_fingerprint(model),
+        inputs_fingerprint=inputs.fingerprint(),
+    )
+
+
+def _partial_dir(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def _process_tag() -> str:
+    """Unique among the processes that may write one directory on shared storage at the same time."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _read_meta(file: Path) -> CacheMeta | None:
+    try:
+        return CacheMeta.from_json(file.read_text())
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _write_text_atomic(file: Path, text: str) -> None:
+    tmp = file.with_name(f"{file.name}.tmp-{_process_tag()}")
+    tmp.write_text(text)
+    os.replace(tmp, file)
+
+
+def _prepare_partial(partial: Path, meta: CacheMeta, *, discard_foreign: bool) -> None:
+    """Make ``partial`` a chunk directory of ``meta``'s run.
+
+    One that holds another run's chunks is removed when ``discard_foreign`` (a one-process build: they are useless),
+    else refused: a shard must never delete the parts other shards wrote.
+    """
+    meta_file = partial / "meta.json"
+    if partial.exists():
+        existing = _read_meta(meta_file)
+        if discard_foreign and existing != meta:
+            shutil.rmtree(partial)  # left over from other settings: useless
+        elif existing is not None and existing != meta:
+            raise CacheError(
+                f"{partial} holds parts of another base certification:\n  "
+                + "\n  ".join(existing.differences(meta, have="the parts have"))
+                + "\nEvery shard must use the same study settings and model; remove that directory to start over."
+            )
+    partial.mkdir(parents=True, exist_ok=True)
+    if not meta_file.is_file():
+        _write_text_atomic(meta_file, meta.to_json())
+
+
+def _chunk_file(partial: Path, lo: int, hi: int) -> Path:
+    return partial / f"chunk-{lo:09d}-{hi:09d}.npz"
+
+
+def _read_chunk(file: Path, meta: CacheMeta, lo: int, hi: int) -> dict[str, np.ndarray]:
+    """A finished chunk's arrays; raises :class:`CacheError` saying why it does not belong to ``meta``'s run."""
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as exc:  # OSError, ValueError, EOFError, zipfile.BadZipFile: not a whole .npz
+        raise CacheError(f"part {file.name} cannot be read ({type(exc).__name__}: {exc})") from None
+    if "meta" not in arrays:
+        raise CacheError(f"part {file.name} records no settings (written by an older approxtune)")
+    recorded = CacheMeta.from_json(str(arrays.pop("meta")))
+    diffs = recorded.differences(meta, have="part has")
+    if diffs:
+        raise CacheError(f"part {file.name} was certified with other settings:\n  " + "\n  ".join(diffs))
+    expected = {"c_hat": (hi - lo,), "count": (hi - lo,), "p_a": (hi - lo,), "radius": (hi - lo,)}
+    expected["predictions"] = (hi - lo, meta.n)
+    for name, shape in expected.items():
+        if name not in arrays or arrays[name].shape != shape:
+            got = arrays[name].shape if name in arrays else "nothing"
+            raise CacheError(f"part {file.name} is malformed: {name} has shape {got}, expected {shape}")
+    return arrays
+
+
+def _certify_chunk(
+    model: nn.Module,
+    inputs: Inputs,
+    seeds: np.ndarray,
+    lo: int,
+    hi: int,
+    file: Path,
+    meta: CacheMeta,
+    batch_size: int,
+    device: torch.device | str | None,
+    progress: Callable[[int], None] | None,
+) -> None:
+    result = certify(
+        model,
+        inputs.x[lo:hi],
+        seeds[lo:hi],
+        meta.sigma,
+        meta.n0,
+        meta.n,
+        meta.alpha,
+        batch_size=batch_size,
+        block_size=meta.block_size,
+        device=device,
+        progress=progress,
+    )
+    tmp = file.with_name(f"{file.stem}.tmp-{_process_tag()}.npz")
+    np.savez(
+        tmp,
+        c_hat=result.c_hat,
+        count=result.count,
+        p_a=result.p_a,
+        radius=result.radius,
+        predictions=result.predictions,
+        meta=np.array(meta.to_json()),
+    )
+    os.replace(tmp, file)  # atomic: a reader sees the whole chunk or none; a second writer writes the same bytes
 
 
 def build_base_cache(
@@ -212,72 +388,163 @@ def build_base_cache(
 ) -> BaseCache:
     """Certify g = smoothed ``model`` on every input once (CERTIFY at level ``1 - alpha``) and write the cache.
 
-    Resumable: chunks already finished in ``<path>.partial/`` for the same settings are reused, so a run killed at any
-    moment and started again continues where it stopped and writes the same bytes.  ``progress`` is called with the
-    number of noise samples evaluated (reused chunks included).  Returns the loaded cache.
+    Resumable: chunks already finished in ``<path>.partial/`` for the same settings (by this function after an
+    interruption, or by :func:`certify_shard`) are reused, so a run killed at any moment and started again continues
+    where it stopped and writes the same bytes.  ``progress`` is called with the number of noise samples evaluated
+    (reused chunks included).  Returns the loaded cache.
     """
     path = Path(path)
-    meta = CacheMeta(
-        sigma=float(sigma),
-        n0=int(n0),
-        n=int(n),
-        alpha=float(alpha),
-        seed=int(seed),
-        block_size=int(block_size),
-        num_inputs=len(inputs),
-        model_fingerprint=model_fingerprint(model),
-        inputs_fingerprint=inputs.fingerprint(),
-    )
-    partial = path.with_name(path.name + ".partial")
-    meta_file = partial / "meta.json"
-    if partial.exists() and (not meta_file.is_file() or CacheMeta.from_json(meta_file.read_text()) != meta):
-        shutil.rmtree(partial)  # left over from other settings: useless
-    partial.mkdir(parents=True, exist_ok=True)
-    if not meta_file.is_file():
-        meta_file.write_text(meta.to_json())
-
+    meta = _meta(model, inputs, sigma, n0, n, alpha, seed, block_size)
+    partial = _partial_dir(path)
+    _prepare_partial(partial, meta, discard_foreign=True)
     seeds = input_seeds(seed, inputs.index)
     parts = []
-    for lo, hi in _chunks(len(inputs), n0 + n):
-        file = partial / f"chunk-{lo:09d}-{hi:09d}.npz"
-        if not file.is_file():
-            result = certify(
-                model,
-                inputs.x[lo:hi],
-                seeds[lo:hi],
-                sigma,
-                n0,
-                n,
-                alpha,
-                batch_size=batch_size,
-                block_size=block_size,
-                device=device,
-                progress=progress,
-            )
-            tmp = file.with_name(file.name + ".tmp.npz")
-            np.savez(
-                tmp,
-                c_hat=result.c_hat,
-                count=result.count,
-                p_a=result.p_a,
-                radius=result.radius,
-                predictions=result.predictions,
-            )
-            os.replace(tmp, file)
+    for lo, hi in chunk_ranges(len(inputs), n0 + n):
+        file = _chunk_file(partial, lo, hi)
+        try:
+            parts.append(_read_chunk(file, meta, lo, hi) if file.is_file() else None)
+        except CacheError:
+            parts.append(None)  # a chunk of an older approxtune or of other settings: certify it again
+        if parts[-1] is None:
+            _certify_chunk(model, inputs, seeds, lo, hi, file, meta, batch_size, device, progress)
+            parts[-1] = _read_chunk(file, meta, lo, hi)
         elif progress is not None:
             progress((hi - lo) * (n0 + n))
-        with np.load(file, allow_pickle=False) as data:
-            parts.append({k: data[k] for k in data.files})
+    return _write_cache(model, inputs, path, meta, parts, seeds, device)
 
-    arrays = {k: np.concatenate([p[k] for p in parts]) for k in ("c_hat", "count", "p_a", "radius", "predictions")}
+
+def certify_shard(
+    model: nn.Module,
+    inputs: Inputs,
+    path: str | Path,
+    shard: tuple[int, int],
+    *,
+    sigma: float,
+    n0: int,
+    n: int,
+    alpha: float,
+    seed: int,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: torch.device | str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ShardResult:
+    """Certify shard ``i`` of ``k`` (``shard = (i, k)``): chunks ``i, i + k, ...`` of the cut, into ``<path>.partial/``.
+
+    Writes no cache: :func:`merge_base_cache` does, once every shard has finished.  Chunks already finished with the
+    same settings are kept (a shard killed and started again resumes).  A ``<path>.partial/`` of other settings is
+    refused, never removed.  ``progress`` counts the shard's noise samples.
+    """
+    i, k = shard
+    if k < 1 or not 0 <= i < k:
+        raise ValueError(f"shard {i}/{k}: need 0 <= i < k")
+    path = Path(path)
+    meta = _meta(model, inputs, sigma, n0, n, alpha, seed, block_size)
+    partial = _partial_dir(path)
+    _prepare_partial(partial, meta, discard_foreign=False)
+    seeds = input_seeds(seed, inputs.index)
+    chunks = chunk_ranges(len(inputs), n0 + n)
+    result = ShardResult(shard=(i, k), chunks_total=len(chunks), partial=partial)
+    for lo, hi in chunks[i::k]:
+        file = _chunk_file(partial, lo, hi)
+        try:
+            if file.is_file():
+                _read_chunk(file, meta, lo, hi)
+                result.reused.append((lo, hi))
+                if progress is not None:
+                    progress((hi - lo) * (n0 + n))
+                continue
+        except CacheError:
+            pass  # a chunk of an older approxtune, or of other settings copied in: certify it again
+        _certify_chunk(model, inputs, seeds, lo, hi, file, meta, batch_size, device, progress)
+        result.certified.append((lo, hi))
+    result.chunks_done = sum(_chunk_file(partial, lo, hi).is_file() for lo, hi in chunks)
+    return result
+
+
+def _chunks_message(missing: list[int], chunks: list[tuple[int, int]]) -> str:
+    shown = ", ".join(f"{j} (inputs {chunks[j][0]}-{chunks[j][1] - 1})" for j in missing[:8])
+    more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+    return f"chunk {shown}{more}" if len(missing) == 1 else f"chunks {shown}{more}"
+
+
+def merge_base_cache(
+    model: nn.Module,
+    inputs: Inputs,
+    path: str | Path,
+    *,
+    sigma: float,
+    n0: int,
+    n: int,
+    alpha: float,
+    seed: int,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    device: torch.device | str | None = None,
+) -> BaseCache:
+    """Merge the chunks that :func:`certify_shard` wrote into ``<path>.partial/`` into the cache at ``path``.
+
+    The result is byte-identical to :func:`build_base_cache` with the same settings.  Raises :class:`CacheError`,
+    writing nothing, when the parts do not belong together: a chunk or the directory certified with other settings
+    (model, inputs, sigma, n, ...), chunks that do not line up with this run's cut (overlapping parts, e.g. from
+    another approxtune version), or missing chunks (a shard that has not finished).
+    """
+    path = Path(path)
+    meta = _meta(model, inputs, sigma, n0, n, alpha, seed, block_size)
+    partial = _partial_dir(path)
+    if not partial.is_dir():
+        raise CacheError(
+            f"no shard parts at {partial}: run the shards first (certify --shard I/K, for I = 0 .. K-1), "
+            "writing to this directory or copying their chunk files into it"
+        )
+    recorded = _read_meta(partial / "meta.json")
+    if recorded is not None and recorded != meta:
+        raise CacheError(
+            f"the parts in {partial} belong to another base certification:\n  "
+            + "\n  ".join(recorded.differences(meta, have="the parts have"))
+        )
+    chunks = chunk_ranges(len(inputs), n0 + n)
+    found = {}
+    for file in partial.iterdir():
+        match = _CHUNK_NAME.match(file.name)
+        if match:
+            found[(int(match.group(1)), int(match.group(2)))] = file
+    stray = sorted(set(found) - set(chunks))
+    if stray:
+        names = ", ".join(found[c].name for c in stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
+        raise CacheError(
+            f"{partial} holds parts that overlap this run's chunks instead of lining up with them ({names}): they were "
+            f"cut for another input count or chunk size ({len(chunks)} chunks of up to {chunks[0][1]} inputs "
+            "expected); remove them and run the shards again"
+        )
+    missing = [j for j, c in enumerate(chunks) if c not in found]
+    if missing:
+        raise CacheError(
+            f"{partial} misses {_chunks_message(missing, chunks)} of {len(chunks)}: not every shard has "
+            "finished (shard I/K certifies chunks I, I+K, I+2K, ...); run the missing shards, then merge"
+        )
+    parts = [_read_chunk(found[c], meta, *c) for c in chunks]
+    return _write_cache(model, inputs, path, meta, parts, input_seeds(seed, inputs.index), device)
+
+
+def _write_cache(
+    model: nn.Module,
+    inputs: Inputs,
+    path: Path,
+    meta: CacheMeta,
+    parts: list[dict[str, np.ndarray]],
+    seeds: np.ndarray,
+    device: torch.device | str | None,
+) -> BaseCache:
+    """Concatenate the chunks in order and write the cache atomically: the one code path of every way to build it."""
+    arrays = {k: np.concatenate([p[k] for p in parts]) for k in _CHUNK_ARRAYS}
     arrays.update(index=inputs.index.astype(np.int64), label=inputs.y.numpy().astype(np.int64), seed=seeds)
     final_meta = CacheMeta(**{**asdict(meta), "num_classes": _num_classes(model, inputs, device)})
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp = path.with_name(f"{path.name}.tmp-{_process_tag()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     _write_arrays(tmp, arrays, final_meta)
     _replace_dir(tmp, path)
-    shutil.rmtree(partial)
+    shutil.rmtree(_partial_dir(path), ignore_errors=True)
     return load_cache(path)
 
 

@@ -11,8 +11,10 @@ import argparse
 import json
 import signal
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -24,9 +26,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from approxtune import cache as cache_mod
 from approxtune import pipeline, report, search
-from approxtune.cache import BaseCache
+from approxtune.cache import BaseCache, CacheError, CacheMeta, load_cache
 from approxtune.config import Study, load_study
+from approxtune.data import Inputs
 from approxtune.search import clean_accuracy
 
 console = Console(stderr=True)
@@ -90,10 +94,69 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_certify(args: argparse.Namespace) -> None:
     study = load_study(args.study)
     device = pipeline.resolve_device(study, args.device)
+    if args.shard is not None or args.merge:
+        _certify_split(study, args, device)
+        return
     model = _model(study, device)
     cache, accuracy = _cache(study, model, args.split, device)
+    _print_certification(cache, accuracy, args.split)
+
+
+def _certify_split(study: Study, args: argparse.Namespace, device: torch.device) -> None:
+    """``certify --shard I/K`` (one part of the inputs, into ``<cache>.partial/``) or ``certify --merge``."""
+    shard = cache_mod.parse_shard(args.shard) if args.shard is not None else None
+    if not study.checkpoint.exists():
+        raise ValueError(
+            f"no checkpoint at {study.checkpoint}: shards and merges use the model every shard shares; train it once "
+            f"first (approxtune train {args.study}, or put the checkpoint there / set model.checkpoint)"
+        )
+    model = pipeline.ensure_model(study).to(device)
+    inputs = pipeline.load_inputs(study, args.split)
+    path = study.cache_path(args.split)
+    expected = pipeline.expected_meta(study, model, inputs, args.split)
+    c = study.certify
+    settings = dict(sigma=c.sigma, n0=c.n0, n=c.n, alpha=c.alpha, seed=expected.seed, block_size=expected.block_size)
+    existing = _matching_cache(path, expected)
+    if existing is not None:
+        console.print(f"The base cache {path} is already complete.")
+        if args.merge:
+            _print_certification(existing, clean_accuracy(model, inputs, device), args.split)
+        return
+    if args.merge:
+        cache = cache_mod.merge_base_cache(model, inputs, path, device=device, **settings)
+        console.print(f"Merged the shards into the base cache {path}")
+        _print_certification(cache, clean_accuracy(model, inputs, device), args.split)
+        return
+    i, k = shard
+    chunks = cache_mod.chunk_ranges(len(inputs), c.n0 + c.n)
+    mine = sum(hi - lo for lo, hi in chunks[i::k])
+    with progress_bar(f"certify shard {i}/{k}: {mine} of {len(inputs)} inputs", mine * (c.n0 + c.n)) as advance:
+        result = cache_mod.certify_shard(
+            model, inputs, path, shard, batch_size=c.batch_size, device=device, progress=advance, **settings
+        )
+    out.print(
+        f"Shard {i}/{k}: certified {len(result.certified)} chunks, reused {len(result.reused)}; "
+        f"{result.chunks_done} of {result.chunks_total} chunks are in {result.partial}.",
+        highlight=False,
+    )
+    if result.complete:
+        out.print(f"All chunks are done: merge them with `approxtune certify {args.study} --merge`.", highlight=False)
+    else:
+        out.print(f"When every shard has finished: `approxtune certify {args.study} --merge` (once).", highlight=False)
+
+
+def _matching_cache(path: Path, expected: CacheMeta) -> BaseCache | None:
+    try:
+        cache = load_cache(path)
+        cache.check(expected)
+        return cache
+    except CacheError:
+        return None
+
+
+def _print_certification(cache: BaseCache, accuracy: float, split: str) -> None:
     summary = cache.summary(CERT_RADII)
-    table = Table(title=f"Base certification of g on {len(cache)} {args.split} inputs")
+    table = Table(title=f"Base certification of g on {len(cache)} {split} inputs")
     table.add_column("")
     table.add_column("value", justify="right")
     rows = {
@@ -141,19 +204,31 @@ def cmd_tune(args: argparse.Namespace) -> None:
     study = load_study(args.study)
     device = pipeline.resolve_device(study, args.device)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    model = _model(study, device)
-    cache, base_accuracy = _cache(study, model, "search", device)
-    inputs = pipeline.load_inputs(study, "search")
+    shared = search.is_shared_storage(study.storage)
+    if shared:
+        # One of several workers: it must not train a model or certify g on its own, racing the others.
+        model, inputs, cache, base_accuracy = _worker_artifacts(study, args, device)
+    else:
+        model = _model(study, device)
+        cache, base_accuracy = _cache(study, model, "search", device)
+        inputs = pipeline.load_inputs(study, "search")
     attrs = search.study_attrs(study, cache, base_accuracy, model)
-    optuna_study = search.create_study(study, attrs)
     layers = search.searched_layers(study, model)
-    enqueued = search.enqueue_baselines(optuna_study, study, layers) if study.search.baselines else []
+    opened = search.create_study(study, attrs, layers)
+    optuna_study = opened.study
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # Optuna checks for stale trials only when a trial starts; a study that needs no more trials would otherwise
+        # keep the trial of a worker that died near its end RUNNING for ever.
+        optuna.storages.fail_stale_trials(optuna_study)
     done = len(optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     remaining = max(0, study.search.trials - done)
+    how = f"created it; baselines: {', '.join(opened.enqueued) or 'none'}" if opened.created else "joined it"
     console.print(
-        f"Study {study.name!r} ({study.storage}): {done} trials done, running {remaining}; "
-        f"{len(layers)} layers searched; baselines: {', '.join(enqueued) or 'none'}; "
-        f"certificates hold with probability >= {attrs['confidence']:.4g}."
+        f"Study {study.name!r} ({search.masked_url(study.storage)}): worker {search.worker_id()} {how}; "
+        f"{done} trials done, running up to {remaining}; {len(layers)} layers searched; "
+        f"certificates hold with probability >= {attrs['confidence']:.4g}.",
+        highlight=False,
     )
     if remaining:
         with progress_bar("trials", remaining) as advance, StopAfterTrial() as stopper:
@@ -174,6 +249,40 @@ def cmd_tune(args: argparse.Namespace) -> None:
                 callbacks=[stopper, MaxTrialsCallback(study.search.trials, states=(TrialState.COMPLETE,))],
             )
     _show_front(study, optuna_study, as_json=False)
+
+
+def _worker_artifacts(
+    study: Study, args: argparse.Namespace, device: torch.device
+) -> tuple[torch.nn.Module, Inputs, BaseCache, float]:
+    """The model and the base cache of a worker on a shared study storage: both must exist and match the study."""
+    first = (
+        f"run `approxtune certify {args.study}` once first (or `--shard I/K` on several machines, then `--merge`), "
+        "with the study's output_dir on storage every worker sees"
+    )
+    if not study.checkpoint.exists():
+        raise ValueError(
+            f"no checkpoint at {study.checkpoint}; with a shared study storage ({search.masked_url(study.storage)}) "
+            f"workers neither train nor certify: {first}"
+        )
+    model = pipeline.ensure_model(study).to(device)
+    inputs = pipeline.load_inputs(study, "search")
+    path = study.cache_path("search")
+    try:
+        cache = load_cache(path)
+    except CacheError as exc:
+        raise CacheError(
+            f"{str(exc).split(';')[0]}; with a shared study storage ({search.masked_url(study.storage)}) workers do "
+            f"not certify g themselves, which would race the other workers: {first}"
+        ) from None
+    try:
+        cache.check(pipeline.expected_meta(study, model, inputs, "search"))
+    except CacheError as exc:
+        raise CacheError(
+            f"{exc}\nWorkers on a shared study storage never rebuild the cache the others read: fix the study file or "
+            f"the model checkpoint, or {first}"
+        ) from None
+    console.print(f"Reusing the base cache {path} (read-only)")
+    return model, inputs, cache, clean_accuracy(model, inputs, device)
 
 
 def _show_front(study: Study, optuna_study: optuna.Study, as_json: bool) -> None:
@@ -272,10 +381,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", help="study file (TOML)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("certify", help="certify the smoothed base model once and cache the result")
+    p = sub.add_parser(
+        "certify",
+        help="certify the smoothed base model once and cache the result",
+        description="Certify the smoothed base model g once and write the base cache. To split the work over "
+        "processes or machines: run `--shard I/K` for I = 0 .. K-1 (each certifies chunks I, I+K, I+2K, ... of the "
+        "inputs into <cache>.partial/, on storage they share or copied together afterwards), then `--merge` once: "
+        "the merged cache is byte-identical to a one-process run.",
+    )
     p.add_argument("study", help="study file (TOML)")
     p.add_argument("--split", choices=("search", "report"), default="search", help="which inputs (default: search)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="override certify.device")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument(
+        "--shard", metavar="I/K", help="certify only shard I of K (I counted from 0) into <cache>.partial/; no cache"
+    )
+    split.add_argument("--merge", action="store_true", help="merge the finished shards into the base cache")
     p.set_defaults(func=cmd_certify)
 
     p = sub.add_parser("tune", help="search per-layer compression, scored by IRS; prints the Pareto front")

@@ -102,7 +102,11 @@ class SearchSection:
     exclude: list[str] = field(default_factory=list)
     baselines: bool = True
     storage: str = ""
-    """Optuna storage URL (default: sqlite:///<output_dir>/study.db)."""
+    """Optuna storage URL (default: sqlite:///<output_dir>/study.db); a PostgreSQL URL lets workers share the study."""
+    heartbeat_interval: int = 30
+    """Seconds between the heartbeats a worker records for its running trial."""
+    grace_period: int = 90
+    """Seconds without a heartbeat after which a running trial is failed and retried by another worker."""
     constraints: ConstraintsSection = field(default_factory=ConstraintsSection)
 
 
@@ -235,6 +239,11 @@ def _validate(s: Study) -> None:
     for precision in q.precisions:
         _choice("search.precisions", precision, PRECISIONS)
     _require(q.population >= 2, f"search.population must be at least 2, got {q.population}")
+    _require(q.heartbeat_interval >= 1, f"search.heartbeat_interval must be at least 1, got {q.heartbeat_interval}")
+    _require(
+        q.grace_period > q.heartbeat_interval,
+        f"search.grace_period ({q.grace_period}) must exceed search.heartbeat_interval ({q.heartbeat_interval})",
+    )
     _require(bool(q.prune), "search.prune must list at least one pruning amount (0.0 for none)")
     _require(all(0 <= p < 1 for p in q.prune), f"search.prune amounts must lie in [0, 1), got {q.prune}")
     k = q.constraints

@@ -69,7 +69,7 @@ def plot_front(study: optuna.Study, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}.png")  # workers sharing output_dir may plot at once
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)

@@ -10,15 +10,27 @@ Each trial samples a precision and a pruning amount for every searched layer, bu
 
 ``study.best_trials`` is the Pareto front.  Trials carry their numbers as user attributes, so optuna-dashboard shows
 them; the study records what its trials were certified against and refuses to resume against anything else.
+
+**Several workers.**  Any number of ``approxtune tune`` processes, on any number of machines, can share one study
+through a database server (``search.storage = "postgresql+psycopg2://..."``).  Exactly one of them creates the study
+(``optuna.create_study(load_if_exists=False)`` is decided by the database's unique study name: the others get
+``DuplicatedStudyError`` and join), and only the creator enqueues the baselines and records the study's settings,
+the cache fingerprint last; a joining worker waits until that fingerprint is there and then checks its own against
+it.  Each trial records the ``worker`` (``host:pid``) that runs it.  A worker that dies stops sending heartbeats;
+after ``search.grace_period`` seconds another worker marks its trial FAIL and enqueues a copy
+(:class:`optuna.storages.RetryHeartbeatStaleTrialCallback`), which the next free worker runs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
+import socket
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,13 +56,19 @@ from approxtune.irs import certify_irs
 
 __all__ = [
     "OBJECTIVES",
+    "OpenedStudy",
+    "StudyMismatchError",
     "TrialResult",
     "create_study",
     "enqueue_baselines",
     "evaluate",
     "front",
+    "is_shared_storage",
     "make_objective",
+    "masked_url",
+    "storage",
     "study_attrs",
+    "worker_id",
 ]
 
 OBJECTIVES = ("ACR", "accuracy", "size_bytes")
@@ -178,9 +196,10 @@ def study_attrs(study: Study, cache: BaseCache, base_accuracy: float, model: nn.
 CHECKED_ATTRS = ("cache_fingerprint", "sigma", "n", "alpha", "n_p", "alpha_zeta", "alpha_d", "irs_mode", "gamma")
 
 
-def make_sampler(study: Study) -> optuna.samplers.BaseSampler:
-    """The study's sampler, seeded; it reads the constraints each trial sets (``Trial.set_constraint``)."""
-    seed, name = study.study.seed, study.search.sampler
+def make_sampler(study: Study, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    """The study's sampler, seeded (``study.seed`` unless ``seed``); it reads the trials' constraints."""
+    seed = study.study.seed if seed is None else seed
+    name = study.search.sampler
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=study.search.population, seed=seed)
     if name == "tpe":
@@ -193,50 +212,191 @@ def feasible(trial: optuna.trial.FrozenTrial) -> bool:
     return bool(trial.constraints) and all(v <= 0 for v in trial.constraints.values())
 
 
-def storage(url: str) -> optuna.storages.BaseStorage:
-    """An RDB storage with heartbeats: a trial whose worker died is marked FAIL and enqueued again (twice at most)."""
+def is_shared_storage(url: str) -> bool:
+    """Whether ``url`` names a database server that workers on several machines can share (anything but SQLite)."""
+    return not url.startswith("sqlite")
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password hidden, for messages."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def worker_id() -> str:
+    """``host:pid`` of this process, recorded on every trial it runs (user attribute ``worker``)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+_SCHEMA_LOCK = 0x617070726F78  # pg_advisory_lock key ("approx") serialising Optuna's table creation
+
+
+@contextmanager
+def _schema_lock(url: str) -> Iterator[None]:
+    """On PostgreSQL, hold an advisory lock while Optuna creates its tables: workers starting at once on an empty
+    database would otherwise race on CREATE TABLE (duplicate pg_type rows) and on the schema version rows."""
+    if not url.startswith("postgresql"):
+        yield
+        return
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    engine = sqlalchemy.create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 10})
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": _SCHEMA_LOCK})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": _SCHEMA_LOCK})
+    finally:
+        engine.dispose()
+
+
+def storage(
+    url: str, heartbeat_interval: int = 30, grace_period: int = 90, max_retry: int = 2
+) -> optuna.storages.BaseStorage:
+    """An RDB storage with heartbeats: a trial whose worker died is marked FAIL and enqueued again (twice at most).
+
+    Every ``heartbeat_interval`` seconds a running trial's worker records a heartbeat; a RUNNING trial without one for
+    ``grace_period`` seconds is stale: the next worker to start a trial fails it and enqueues a copy.  A storage that
+    cannot be reached or whose driver is missing raises ValueError naming the fix.
+    """
+    import sqlalchemy.exc
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
-    return RDBStorage(
-        url,
-        heartbeat_interval=30,
-        grace_period=90,
-        heartbeat_stale_trial_callback=retry,
-        engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
-    )
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+    # SQLite: wait for the file lock; a server: a worker outlives server restarts and idle-connection timeouts.
+    engine_kwargs: dict = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    if url.startswith("postgresql"):
+        engine_kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable host fails, instead of hanging
+    attempts = 5
+    for attempt in range(attempts):
+        try:
+            with _schema_lock(url), warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(
+                    url,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                    heartbeat_stale_trial_callback=retry,
+                    engine_kwargs=engine_kwargs,
+                )
+        except ImportError as exc:
+            raise ValueError(
+                f"the study storage {masked_url(url)} needs a database driver that is not installed ({exc}); for "
+                "PostgreSQL: pip install 'approxtune[postgres]'"
+            ) from None
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+            # Another process creating the tables at the same moment (SQLite, MySQL), or a server that is not up.
+            if attempt == attempts - 1:
+                reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+                raise ValueError(f"cannot open the study storage {masked_url(url)}: {reason}") from None
+            time.sleep(0.2 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
-def create_study(study: Study, attrs: dict) -> optuna.Study:
-    """Create or resume the Optuna study; refuse to resume one recorded against another cache or IRS setting."""
-    optuna_study = optuna.create_study(
-        study_name=study.name,
-        storage=storage(study.storage),
-        directions=list(DIRECTIONS),
-        sampler=make_sampler(study),
-        load_if_exists=True,
-    )
-    recorded = optuna_study.user_attrs
-    if recorded:
-        diffs = [
-            f"{k}: study has {recorded.get(k)!r}, now {attrs[k]!r}"
-            for k in CHECKED_ATTRS
-            if recorded.get(k) != attrs[k]
-        ]
-        if diffs:
-            raise StudyMismatchError(
-                f"study {study.name!r} in {study.storage} was run against another base certification or IRS "
-                "setting:\n  " + "\n  ".join(diffs) + "\nUse a new study name (study.name) or delete the study."
-            )
-    else:
-        for key, value in attrs.items():
+def _storage_of(study: Study) -> optuna.storages.BaseStorage:
+    return storage(study.storage, study.search.heartbeat_interval, study.search.grace_period)
+
+
+SETUP_TIMEOUT = 60.0
+"""Seconds a joining worker waits for the creator of the study to record its settings."""
+_SETUP_MARK = "cache_fingerprint"
+"""The study user attribute the creator records last: once it is there, the study is set up."""
+
+
+@dataclass
+class OpenedStudy:
+    """The Optuna study a worker runs, whether this worker created it, and the baselines it enqueued (creator only)."""
+
+    study: optuna.Study
+    created: bool
+    enqueued: list[str]
+
+
+def create_study(
+    study: Study, attrs: dict, layers: Sequence[str] = (), *, setup_timeout: float = SETUP_TIMEOUT
+) -> OpenedStudy:
+    """Create the Optuna study, or join it; refuse one recorded against another cache or IRS setting.
+
+    Safe with any number of processes starting at once: the database decides which one creates the study (the
+    others get ``DuplicatedStudyError``).  The creator enqueues the baselines (fp32 and the uniform presets over
+    ``layers``, when ``search.baselines``), then records ``attrs`` and the metric names, the cache fingerprint last.
+    A joining worker waits (``setup_timeout`` seconds at most) for that fingerprint, checks ``attrs`` against what
+    the study recorded, and samples with a seed of its own: workers seeded alike would propose the same trials.
+    """
+    optuna_storage = _storage_of(study)
+    try:
+        optuna_study = optuna.create_study(
+            study_name=study.name,
+            storage=optuna_storage,
+            directions=list(DIRECTIONS),
+            sampler=make_sampler(study),
+            load_if_exists=False,
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        optuna_study = optuna.load_study(
+            study_name=study.name, storage=optuna_storage, sampler=make_sampler(study, seed=_worker_seed(study))
+        )
+        recorded = _wait_for_setup(optuna_study, study, setup_timeout)
+        _check_recorded(study, recorded, attrs)
+        return OpenedStudy(optuna_study, created=False, enqueued=[])
+    enqueued = enqueue_baselines(optuna_study, study, layers) if study.search.baselines and layers else []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna_study.set_metric_names(list(OBJECTIVES))
+    for key, value in attrs.items():
+        if key != _SETUP_MARK:
             optuna_study.set_user_attr(key, value)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna_study.set_metric_names(list(OBJECTIVES))
-    return optuna_study
+    optuna_study.set_user_attr(_SETUP_MARK, attrs[_SETUP_MARK])
+    return OpenedStudy(optuna_study, created=True, enqueued=enqueued)
+
+
+def _worker_seed(study: Study) -> int:
+    text = f"{study.study.seed}|{worker_id()}|{time.time_ns()}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+
+def _wait_for_setup(optuna_study: optuna.Study, study: Study, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        recorded = optuna_study.user_attrs
+        if _SETUP_MARK in recorded:
+            return recorded
+        if time.monotonic() >= deadline:
+            raise StudyMismatchError(
+                f"study {study.name!r} in {masked_url(study.storage)} exists but records no base certification: the "
+                f"process that created it stopped before it finished setting it up (waited {timeout:g}s), or "
+                f"approxtune did not create it. Delete it (optuna delete-study --study-name {study.name} --storage "
+                "URL) or use another study.name."
+            )
+        time.sleep(0.2)
+
+
+def _check_recorded(study: Study, recorded: dict, attrs: dict) -> None:
+    diffs = [
+        f"{k}: study has {recorded.get(k)!r}, now {attrs[k]!r}" for k in CHECKED_ATTRS if recorded.get(k) != attrs[k]
+    ]
+    if not diffs:
+        return
+    hint = ""
+    if recorded.get("cache_fingerprint") != attrs["cache_fingerprint"]:
+        hint = (
+            "\nThis worker's base cache is not the one the study was run against: every worker must read the same "
+            "cache (same model checkpoint, inputs and certify settings). Put the study's output_dir on storage all "
+            "machines share, or copy the cache and the model checkpoint from the machine that created the study."
+        )
+    raise StudyMismatchError(
+        f"study {study.name!r} in {masked_url(study.storage)} was run against another base certification or IRS "
+        "setting:\n  " + "\n  ".join(diffs) + hint + "\nUse a new study name (study.name) or delete the study."
+    )
 
 
 def load_existing_study(study: Study) -> optuna.Study | None:
@@ -245,7 +405,7 @@ def load_existing_study(study: Study) -> optuna.Study | None:
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         return None
     try:
-        return optuna.load_study(study_name=study.name, storage=storage(url))
+        return optuna.load_study(study_name=study.name, storage=_storage_of(study))
     except KeyError:
         return None
 
@@ -264,7 +424,11 @@ def baseline_params(study: Study, layers: Sequence[str]) -> dict[str, dict]:
 
 
 def enqueue_baselines(optuna_study: optuna.Study, study: Study, layers: Sequence[str]) -> list[str]:
-    """Enqueue the baselines (skipping those already in the study); returns the names enqueued."""
+    """Enqueue the baselines (skipping those already in the study); returns the names enqueued.
+
+    ``skip_if_exists`` is not atomic across processes: with several workers only the creator of the study calls this
+    (:func:`create_study`).
+    """
     names = []
     for name, params in baseline_params(study, layers).items():
         optuna_study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
@@ -283,8 +447,10 @@ def make_objective(
 ) -> Callable[[optuna.Trial], tuple[float, float, int]]:
     layers = searched_layers(study, model)
     limits = study.search.constraints
+    worker = worker_id()
 
     def objective(trial: optuna.Trial) -> tuple[float, float, int]:
+        trial.set_user_attr("worker", worker)  # which process runs it (a stale trial's worker died)
         config = suggest_config(trial, layers, study)
         result = evaluate(model, config, inputs, cache, study, device)
         for key, value in result.to_attrs().items():

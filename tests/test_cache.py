@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,3 +179,102 @@ def test_sigkill_at_a_random_moment_then_resume(tmp_path):
     assert len(list(partial.glob("chunk-*.npz"))) >= 3
     subprocess.run([sys.executable, script, tmp_path / "c"], check=True)
     assert dir_bytes(tmp_path / "c") == dir_bytes(tmp_path / "ref")
+
+
+# Base certification split into shards (tests/test_cluster.py runs them as processes through the command line)
+
+
+def _shard_all(model, inputs, path, k, settings=SETTINGS):
+    return [cache_mod.certify_shard(model, inputs, path, (i, k), **settings) for i in range(k)]
+
+
+def test_shards_merge_to_the_bytes_of_one_process(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_mod, "CHUNK_SAMPLES", 3 * 316)  # three inputs per chunk: 4 chunks
+    model, inputs = make_model(), make_inputs(10)
+    build_base_cache(model, inputs, tmp_path / "ref", **SETTINGS)
+    results = _shard_all(model, inputs, tmp_path / "c", 3)
+    assert [len(r.certified) for r in results] == [2, 1, 1], "shard i takes chunks i, i+k, ..."
+    assert results[-1].complete and not (tmp_path / "c").exists()
+    again = cache_mod.certify_shard(model, inputs, tmp_path / "c", (0, 3), **SETTINGS)
+    assert again.certified == [] and len(again.reused) == 2, "a shard run twice reuses its chunks"
+    merged = cache_mod.merge_base_cache(model, inputs, tmp_path / "c", **SETTINGS)
+    assert dir_bytes(tmp_path / "c") == dir_bytes(tmp_path / "ref")
+    assert merged.meta == load_cache(tmp_path / "ref").meta and not (tmp_path / "c.partial").exists()
+
+
+def test_a_one_process_build_finishes_what_shards_started(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_mod, "CHUNK_SAMPLES", 3 * 316)
+    model, inputs = make_model(), make_inputs(10)
+    build_base_cache(model, inputs, tmp_path / "ref", **SETTINGS)
+    cache_mod.certify_shard(model, inputs, tmp_path / "c", (1, 2), **SETTINGS)
+    evaluated = []
+    model.register_forward_hook(lambda module, args, output: evaluated.append(len(args[0])))
+    build_base_cache(model, inputs, tmp_path / "c", **SETTINGS)
+    assert sum(evaluated) - 1 == 6 * 316, "only shard 0's chunks (inputs 0-2 and 6-8) were certified"
+    assert dir_bytes(tmp_path / "c") == dir_bytes(tmp_path / "ref")
+
+
+def test_merge_refuses_parts_that_do_not_belong_together(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_mod, "CHUNK_SAMPLES", 3 * 316)
+    model, inputs = make_model(), make_inputs(10)
+    partial = tmp_path / "c.partial"
+    with pytest.raises(CacheError, match="no shard parts"):
+        cache_mod.merge_base_cache(model, inputs, tmp_path / "c", **SETTINGS)
+
+    cache_mod.certify_shard(model, inputs, tmp_path / "c", (0, 2), **SETTINGS)
+    with pytest.raises(CacheError, match=r"misses chunks 1 \(inputs 3-5\), 3 \(inputs 9-9\) of 4"):
+        cache_mod.merge_base_cache(model, inputs, tmp_path / "c", **SETTINGS)
+
+    # Shard 1 of another sigma, certified elsewhere and copied in: the chunk says which settings it has.
+    other = {**SETTINGS, "sigma": 0.25}
+    cache_mod.certify_shard(model, inputs, tmp_path / "d", (1, 2), **other)
+    for chunk in (tmp_path / "d.partial").glob("chunk-*.npz"):
+        shutil.copy(chunk, partial / chunk.name)
+    with pytest.raises(CacheError, match=r"part chunk-000000003-000000006\.npz was certified with other settings"):
+        cache_mod.merge_base_cache(model, inputs, tmp_path / "c", **SETTINGS)
+    with pytest.raises(CacheError, match=r"sigma: part has 0\.25, requested 0\.5"):
+        cache_mod.merge_base_cache(model, inputs, tmp_path / "c", **SETTINGS)
+    # ... and the whole directory belongs to sigma 0.5: a shard of other settings refuses it and deletes nothing.
+    refused = r"holds parts of another base certification:\s+sigma: the parts have 0\.5, requested 0\.25"
+    with pytest.raises(CacheError, match=refused):
+        cache_mod.certify_shard(model, inputs, tmp_path / "c", (1, 2), **other)
+    with pytest.raises(CacheError, match="belong to another base certification"):
+        cache_mod.merge_base_cache(model, inputs, tmp_path / "c", **other)
+    assert len(list(partial.glob("chunk-*.npz"))) == 4
+
+    # Parts cut with another chunk size overlap this run's chunks instead of lining up with them.
+    for chunk in partial.glob("chunk-*.npz"):
+        chunk.unlink()
+    cache_mod.certify_shard(model, inputs, tmp_path / "c", (0, 2), **SETTINGS)
+    monkeypatch.setattr(cache_mod, "CHUNK_SAMPLES", 4 * 316)
+    cache_mod.certify_shard(model, inputs, tmp_path / "c", (1, 2), **SETTINGS)
+    monkeypatch.setattr(cache_mod, "CHUNK_SAMPLES", 3 * 316)
+    with pytest.raises(CacheError, match=r"overlap this run's chunks.*chunk-000000004-000000008\.npz"):
+        cache_mod.merge_base_cache(model, inputs, tmp_path / "c", **SETTINGS)
+    assert not (tmp_path / "c").exists(), "a refused merge writes nothing"
+
+
+def test_chunks_without_recorded_settings_are_recertified_or_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_mod, "CHUNK_SAMPLES", 3 * 316)
+    model, inputs = make_model(), make_inputs(10)
+    build_base_cache(model, inputs, tmp_path / "ref", **SETTINGS)
+    _shard_all(model, inputs, tmp_path / "c", 2)
+    old = tmp_path / "c.partial" / "chunk-000000000-000000003.npz"
+    with np.load(old) as data:
+        arrays = {k: data[k] for k in data.files if k != "meta"}
+    np.savez(old, **arrays)  # as approxtune wrote chunks before shards existed
+    with pytest.raises(CacheError, match="records no settings"):
+        cache_mod.merge_base_cache(model, inputs, tmp_path / "c", **SETTINGS)
+    build_base_cache(model, inputs, tmp_path / "c", **SETTINGS)
+    assert dir_bytes(tmp_path / "c") == dir_bytes(tmp_path / "ref")
+
+
+@pytest.mark.parametrize(("text", "expected"), [("0/1", (0, 1)), ("3/4", (3, 4)), (" 1 / 2 ", (1, 2))])
+def test_parse_shard(text, expected):
+    assert cache_mod.parse_shard(text) == expected
+
+
+@pytest.mark.parametrize("text", ["2/2", "1", "a/b", "0/0", "-1/2"])
+def test_parse_shard_errors(text):
+    with pytest.raises(ValueError, match="--shard"):
+        cache_mod.parse_shard(text)
