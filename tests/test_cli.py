@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -211,3 +212,12 @@ def main_in(directory, argv):
         return main(argv)
     finally:
         os.chdir(cwd)
+
+
+def test_allocator_setting_can_be_turned_off(monkeypatch):
+    from approxtune.cli import tune_malloc
+
+    monkeypatch.setenv("APPROXTUNE_MALLOC", "default")
+    assert tune_malloc() is False
+    monkeypatch.delenv("APPROXTUNE_MALLOC")
+    assert tune_malloc() is (platform.libc_ver()[0] == "glibc")
