@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _machine import cpu_model  # benchmarks/ is on sys.path when a script runs
 from torch import nn
 
 from approxtune.approximation import (
@@ -66,14 +67,7 @@ def time_ms(fn: Callable[[], object], reps: int) -> tuple[float, float, float]:
 
 def machine(default_threads: int) -> str:
     """Markdown lines describing this machine."""
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or str(os.cpu_count())
     return (
         f"- `nproc`: {nproc}; torch's default thread count: {default_threads}\n"

@@ -47,6 +47,8 @@ import sys
 import time
 from pathlib import Path
 
+from _machine import cpu_model  # benchmarks/ is on sys.path when a script runs
+
 TUNED_MALLOC = "glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295"
 CONFIGS = ("default", "tuned")  # compared by default
 ALL_CONFIGS = ("default", "tuned", "mallopt")  # mallopt: the same two thresholds set at run time, see _mallopt
@@ -267,14 +269,7 @@ def _median(xs: list[float]) -> float:
 
 
 def _machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         load = os.getloadavg()
     except OSError:

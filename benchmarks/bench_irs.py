@@ -65,6 +65,7 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
 import contextlib  # noqa: E402
 
 import torch  # noqa: E402
+from _machine import cpu_model  # noqa: E402 (benchmarks/ is on sys.path when a script runs)
 
 from approxtune import pipeline  # noqa: E402
 from approxtune.approximation import apply_approximation, preset  # noqa: E402
@@ -119,17 +120,10 @@ def log(msg: str) -> None:
 
 
 def machine_info(threads: int) -> dict:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {
         "nproc": os.cpu_count(),
-        "cpu": cpu or platform.processor(),
+        "cpu": cpu,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),

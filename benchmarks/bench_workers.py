@@ -37,6 +37,7 @@ from pathlib import Path
 
 import optuna
 import torch
+from _machine import cpu_model  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,14 +98,6 @@ optuna.Study.optimize = phased_optimize
 atexit.register(lambda: open(sys.argv[1], "w").write(json.dumps(stats)))
 sys.exit(main(["tune", sys.argv[2]]))
 """
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "?"
 
 
 def postgres_bindir() -> Path | None:
