@@ -10,28 +10,12 @@ import sys
 
 import optuna
 import pytest
+from _studies import tiny_study
 from _wsgi import wsgi_get
 
 from approxtune.cli import main
 
-TINY = """
-[study]
-name = "tiny"
-output_dir = "runs/tiny"
-seed = 1
-[data]
-search_inputs = 30
-report_inputs = 20
-[train]
-epochs = 4
-[certify]
-n0 = 16
-n = 200
-[irs]
-n_p = 100
-[search]
-trials = 9
-"""
+TINY = tiny_study("tiny", seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
+from _studies import tiny_study
 from _wsgi import wsgi_get
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
 from optuna.trial import TrialState
@@ -35,24 +36,7 @@ from approxtune.models import load_checkpoint
 from approxtune.search import front
 from approxtune.statistics import certified_accuracy, certified_accuracy_curve
 
-TINY = """
-[study]
-name = "export-tiny"
-output_dir = "runs/export-tiny"
-seed = 3
-[data]
-search_inputs = 30
-report_inputs = 20
-[train]
-epochs = 4
-[certify]
-n0 = 16
-n = 200
-[irs]
-n_p = 100
-[search]
-trials = 9
-"""
+TINY = tiny_study("export-tiny", seed=3)
 REPO = str(Path(export.__file__).resolve().parents[1])
 EXPORT_FILES = {"weights.bin", "index.json", "config.json", "model.pt2", "certificate.json"}
 
