@@ -9,15 +9,25 @@ For an input whose cached certificate predicts its label (``c_hat == label``, ``
 * the direct bound ``p_d = LowerConfidenceBound(#{f^p = c_hat}, n_p, 1 - alpha_d)`` on f^p's own counts, giving the
   *direct radius* ``sigma * Phi^-1(p_d)``, wrong only if that bound (level ``alpha_d``) failed.
 
-Modes ("max" and "gamma" report ``1 - (alpha + alpha_zeta + alpha_d)`` by the union bound):
+Modes:
 
-* ``"max"`` (default): the larger of the two radii.  It can be wrong only if one of the three bounds failed.
-* ``"gamma"``: the paper's Algorithm 2: the zeta radius when the cached ``p_a < gamma``, the direct radius otherwise
-  (the paper runs the direct bound at ``alpha + alpha_zeta``; set ``alpha_d`` to that to reproduce it).  The branch is
-  chosen from ``p_a``, which was computed on the very samples that are replayed, so the paper's stated
-  ``1 - (alpha + alpha_zeta)`` does not follow from Theorem 4; we report the union bound.
+* ``"max"`` (default): the larger of the two radii.  It can be wrong only if one of the three bounds failed:
+  confidence ``1 - (alpha + alpha_zeta + alpha_d)`` by the union bound.
+* ``"gamma"``: the paper's Algorithm 2: the zeta radius when the cached ``p_a < gamma``, the direct radius otherwise.
+  The branch is chosen from ``p_a``, which was computed on the very samples that are replayed, so Theorem 4 alone
+  does not give the paper's ``1 - (alpha + alpha_zeta)``.  A threshold does: let p = P(f = c_hat).  If p < gamma,
+  the direct branch is taken only when ``p_a >= gamma > p``, i.e. when the base bound failed (A), so a wrong radius
+  needs A or Z (zeta bound failed): ``<= alpha + alpha_zeta``.  If p >= gamma, A forces ``p_a > p >= gamma`` and
+  the direct branch, so the zeta branch is taken only when the base bound held and a wrong radius needs Z or D
+  (direct bound failed): ``<= alpha_zeta + alpha_d``.  Hence confidence ``1 - (alpha_zeta + max(alpha, alpha_d))``:
+  the paper's ``1 - (alpha + alpha_zeta)`` when ``alpha_d <= alpha`` (the paper runs the direct bound at
+  ``alpha + alpha_zeta``, which gives ``1 - (alpha + 2 alpha_zeta)``; set ``alpha_d`` to that to reproduce it).
 * ``"tail"``: per-input sample counts and branches decided from the *tail* of the cache only (below); true confidence
   ``1 - (alpha + max(alpha_zeta, alpha_d))``.
+
+Every mode can run in stages (:class:`IRSRun`): the plan (inputs, counts, branches) is fixed before f^p sees a
+replayed sample, and a run stopped early reports nothing, so racing candidates against each other costs no
+confidence.
 
 Inputs where g abstained or predicted another class get radius 0 and cost no samples: no zeta can turn them into a
 certificate of the true label.
@@ -81,6 +91,7 @@ from approxtune.statistics import acr, certified_accuracy, lower_confidence_boun
 
 __all__ = [
     "IRSResult",
+    "IRSRun",
     "IRSSettings",
     "Mode",
     "allocate_samples",
@@ -137,11 +148,14 @@ class IRSSettings:
     def total_alpha(self, alpha: float) -> float:
         """Probability bound on a wrong IRS certificate, given the base certificate's ``alpha``.
 
-        "max"/"gamma": the union bound ``alpha + alpha_zeta + alpha_d``; "tail": ``alpha + max(alpha_zeta, alpha_d)``
-        (branch and count independent of the replayed samples; see the module docstring).
+        "max": the union bound ``alpha + alpha_zeta + alpha_d``; "gamma": ``alpha_zeta + max(alpha, alpha_d)`` (a
+        threshold on the cached ``p_a``; see the module docstring); "tail": ``alpha + max(alpha_zeta, alpha_d)``
+        (branch and count independent of the replayed samples).
         """
         if self.mode is Mode.TAIL:
             return alpha + max(self.alpha_zeta, self.alpha_d)
+        if self.mode is Mode.GAMMA:
+            return self.alpha_zeta + max(alpha, self.alpha_d)
         return alpha + self.alpha_zeta + self.alpha_d
 
     def tail_length(self, n: int) -> int:
@@ -238,10 +252,6 @@ def replay(
     )
 
 
-def _disagreements(preds_p: np.ndarray, cache: BaseCache, rows: np.ndarray, n_p: int) -> np.ndarray:
-    return (preds_p != np.asarray(cache.predictions[rows, :n_p])).sum(axis=1)
-
-
 def estimate_zeta(
     model_p: nn.Module,
     x: torch.Tensor,
@@ -253,7 +263,8 @@ def estimate_zeta(
     """Algorithm 3: ``zeta_x``, a ``1 - alpha_zeta`` upper bound on ``P(f^p(x + eps) != f(x + eps))``, every input."""
     rows = np.arange(len(cache))
     preds = replay(model_p, x, cache, rows, n_p, **kwargs)
-    return upper_confidence_bound(_disagreements(preds, cache, rows, n_p), n_p, alpha_zeta)
+    disagreements = (preds != np.asarray(cache.predictions[rows, :n_p])).sum(axis=1)
+    return upper_confidence_bound(disagreements, n_p, alpha_zeta)
 
 
 def tail_frequency(cache: BaseCache, rows: np.ndarray, n_tail: int) -> np.ndarray:
@@ -394,38 +405,13 @@ def allocate_samples(
     return counts
 
 
-def _replay_counts(
-    model_p: nn.Module, x: torch.Tensor, cache: BaseCache, rows: np.ndarray, counts: np.ndarray, **kwargs
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(#{f^p != f}, #{f^p = c_hat})`` on the first ``counts[j]`` cached samples of input ``rows[j]``."""
-    if len(x) != len(cache):
-        raise ValueError(f"{len(x)} inputs given for a cache of {len(cache)} inputs")
-    if not len(rows):
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    width = int(counts.max())
-    preds = predict_under_noise(
-        model_p,
-        x[torch.as_tensor(rows, dtype=torch.long)],
-        cache.seed[rows],
-        Stream.ESTIMATION,
-        0,
-        counts,
-        cache.meta.sigma,
-        block_size=cache.meta.block_size,
-        **kwargs,
-    )
-    used = np.arange(width)[None, :] < counts[:, None]
-    dis = ((preds != np.asarray(cache.predictions[rows, :width])) & used).sum(axis=1)
-    hits = ((preds == cache.c_hat[rows, None]) & used).sum(axis=1)
-    return dis.astype(np.int64), hits.astype(np.int64)
-
-
-def _certify_tail(model_p: nn.Module, x: torch.Tensor, cache: BaseCache, settings: IRSSettings, **kwargs) -> IRSResult:
+def _tail_plan(
+    model_p: nn.Module, x: torch.Tensor, cache: BaseCache, settings: IRSSettings, **kwargs
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """Tail mode's decisions, from the tail alone: ``(rows, counts, use_direct, n_tail, pilot samples spent)``."""
     n, sigma, alpha = cache.meta.n, cache.meta.sigma, cache.meta.alpha
     n_tail = settings.tail_length(n)
     prefix = n - n_tail
-    if len(x) != len(cache):
-        raise ValueError(f"{len(x)} inputs given for a cache of {len(cache)} inputs")
     gated = np.flatnonzero(cache.certified)
     q = tail_frequency(cache, gated, n_tail)
     levels = {"n": n, "alpha": alpha, "alpha_zeta": settings.alpha_zeta, "alpha_d": settings.alpha_d, "sigma": sigma}
@@ -459,21 +445,133 @@ def _certify_tail(model_p: nn.Module, x: torch.Tensor, cache: BaseCache, setting
     keep = counts > 0
     rows, counts, q, d, drop = gated[keep], counts[keep], q[keep], d[keep], drop[keep]
     plaus_direct, plaus_zeta = plausible_radii(q, np.maximum(counts, 1), d=d, drop=drop, **levels)
-    use_direct = plaus_direct > plaus_zeta  # decided before f^p runs, from the tail alone
+    return rows, counts, plaus_direct > plaus_zeta, n_tail, pilot * len(gated)
 
-    dis, hits = _replay_counts(model_p, x, cache, rows, counts, **kwargs)
-    zeta = upper_confidence_bound(dis, counts, settings.alpha_zeta) if len(rows) else np.zeros(0)
-    r_zeta = radius(cache.p_a[rows] - zeta, sigma)
-    p_direct = lower_confidence_bound(hits, counts, settings.alpha_d) if len(rows) else np.zeros(0)
-    r_direct = radius(p_direct, sigma)
-    chosen = np.where(use_direct, r_direct, r_zeta)
 
-    out = _result(
-        len(cache), settings.n_p, settings.total_alpha(alpha), rows, chosen, use_direct, dis, zeta, hits, counts
-    )
-    out.n_tail = n_tail
-    out.pilot_samples = pilot * len(gated)
-    return out
+class IRSRun:
+    """IRS certification of g^p in stages: a plan fixed before f^p sees a replayed sample, then replay in prefixes.
+
+    The plan: the inputs evaluated (those whose cached certificate predicts the label), each one's sample count
+    (``n_p``, or tail mode's allocation) and, where the mode fixes it in advance, its branch ("gamma": the cached
+    ``p_a >= gamma``; "tail": the plausible radii; "max" decides at the end).  :meth:`extend` replays the next samples
+    of every input, so a run that is continued never evaluates a sample twice and ends, sample for sample, where
+    :func:`certify_irs` ends.  :meth:`upper_acr` bounds the final ACR from what has been replayed so far (sound, not
+    statistical: it holds for every outcome of the samples still to come).  Only :meth:`result`, on the full pre-set
+    counts, is a certificate; stopping a run early (racing) reports nothing and so costs no confidence.
+    """
+
+    def __init__(
+        self,
+        model_p: nn.Module,
+        x: torch.Tensor,
+        cache: BaseCache,
+        settings: IRSSettings,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        device: torch.device | str | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        if len(x) != len(cache):
+            raise ValueError(f"{len(x)} inputs given for a cache of {len(cache)} inputs")
+        self.model_p, self.x, self.cache, self.settings = model_p, x, cache, settings
+        self._kwargs = {"batch_size": batch_size, "device": device, "progress": progress}
+        self.n_tail = self.pilot_samples = 0
+        if settings.mode is Mode.TAIL:
+            self.rows, self.counts, self.branch, self.n_tail, self.pilot_samples = _tail_plan(
+                model_p, x, cache, settings, **self._kwargs
+            )
+        else:
+            if settings.n_p > cache.meta.n:
+                raise ValueError(
+                    f"n_p = {settings.n_p} exceeds the cache's n = {cache.meta.n}: IRS can only replay cached samples"
+                )
+            self.rows = np.flatnonzero(cache.certified)
+            self.counts = np.full(len(self.rows), settings.n_p, dtype=np.int64)
+            self.branch = cache.p_a[self.rows] >= settings.gamma if settings.mode is Mode.GAMMA else None
+        self.seen = np.zeros(len(self.rows), dtype=np.int64)
+        self.disagreements = np.zeros(len(self.rows), dtype=np.int64)
+        self.hits = np.zeros(len(self.rows), dtype=np.int64)
+
+    @property
+    def complete(self) -> bool:
+        return bool(np.all(self.seen == self.counts))
+
+    @property
+    def samples(self) -> int:
+        """Samples f^p has evaluated so far (pilot included)."""
+        return int(self.seen.sum()) + self.pilot_samples
+
+    def extend(self, fraction: float = 1.0) -> None:
+        """Replay every input's samples up to ``fraction`` of its count, rounded up to whole noise blocks."""
+        block = self.cache.meta.block_size
+        target = np.minimum(self.counts, -(-np.ceil(self.counts * fraction).astype(np.int64) // block) * block)
+        target = np.maximum(target, self.seen)
+        active = np.flatnonzero(target > self.seen)
+        if not len(active):
+            return
+        rows, start, stop = self.rows[active], self.seen[active], target[active]
+        cache = self.cache
+        preds = predict_under_noise(
+            self.model_p,
+            self.x[torch.as_tensor(rows, dtype=torch.long)],
+            cache.seed[rows],
+            Stream.ESTIMATION,
+            start,
+            stop,
+            cache.meta.sigma,
+            block_size=block,
+            **self._kwargs,
+        )
+        lo, hi = int(start.min()), int(stop.max())
+        width = preds.shape[1]
+        cols = np.minimum((start - lo)[:, None] + np.arange(width)[None, :], hi - lo - 1)
+        f_preds = np.take_along_axis(np.asarray(cache.predictions[rows, lo:hi]), cols, axis=1)
+        used = np.arange(width)[None, :] < (stop - start)[:, None]
+        self.disagreements[active] += ((preds != f_preds) & used).sum(axis=1)
+        self.hits[active] += ((preds == cache.c_hat[rows, None]) & used).sum(axis=1)
+        self.seen[active] = stop
+
+    def _radii(self, disagreements: np.ndarray, hits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(radius, use_direct, zeta)`` of every evaluated input for the given counts on the full sample counts."""
+        if not len(self.rows):
+            return np.zeros(0), np.zeros(0, dtype=bool), np.zeros(0)
+        sigma, s = self.cache.meta.sigma, self.settings
+        zeta = upper_confidence_bound(disagreements, self.counts, s.alpha_zeta)
+        r_zeta = radius(self.cache.p_a[self.rows] - zeta, sigma)
+        r_direct = radius(lower_confidence_bound(hits, self.counts, s.alpha_d), sigma)
+        use_direct = r_direct > r_zeta if self.branch is None else self.branch
+        return np.where(use_direct, r_direct, r_zeta), use_direct, zeta
+
+    def upper_acr(self) -> float:
+        """An upper bound on the ACR :meth:`result` will report, whatever the samples not yet replayed show.
+
+        Every radius grows with #{f^p = c_hat} and shrinks with #{f^p != f} (Clopper-Pearson bounds are monotone in
+        the count), so the radius reached when every remaining sample agrees with f and predicts c_hat bounds it.
+        """
+        rest = self.counts - self.seen
+        optimistic, _, _ = self._radii(self.disagreements, self.hits + rest)
+        return float(optimistic.sum() / len(self.cache)) if len(self.cache) else 0.0
+
+    def result(self) -> IRSResult:
+        """Replay what is left and return the certificate (level ``settings.total_alpha(alpha)``)."""
+        self.extend(1.0)
+        chosen, use_direct, zeta = self._radii(self.disagreements, self.hits)
+        s = self.settings
+        out = _result(
+            len(self.cache),
+            s.n_p,
+            s.total_alpha(self.cache.meta.alpha),
+            self.rows,
+            chosen,
+            use_direct,
+            self.disagreements,
+            zeta,
+            self.hits,
+            self.counts,
+        )
+        out.n_tail = self.n_tail
+        out.pilot_samples = self.pilot_samples
+        return out
 
 
 def _result(
@@ -523,20 +621,4 @@ def certify_irs(
     progress: Progress | None = None,
 ) -> IRSResult:
     """Certify the smoothed approximation g^p on the cache's inputs (``x``: the same inputs, in cache order)."""
-    if settings.mode is Mode.TAIL:
-        return _certify_tail(model_p, x, cache, settings, batch_size=batch_size, device=device, progress=progress)
-    n_p, sigma = settings.n_p, cache.meta.sigma
-    rows = np.flatnonzero(cache.certified)
-    preds = replay(model_p, x, cache, rows, n_p, batch_size=batch_size, device=device, progress=progress)
-
-    disagreements = _disagreements(preds, cache, rows, n_p)
-    zeta = upper_confidence_bound(disagreements, n_p, settings.alpha_zeta) if len(rows) else np.zeros(0)
-    r_zeta = radius(cache.p_a[rows] - zeta, sigma)
-    direct_count = (preds == cache.c_hat[rows, None]).sum(axis=1)
-    p_direct = lower_confidence_bound(direct_count, n_p, settings.alpha_d) if len(rows) else np.zeros(0)
-    r_direct = radius(p_direct, sigma)
-    use_direct = (r_direct > r_zeta) if settings.mode is Mode.MAX else (cache.p_a[rows] >= settings.gamma)
-    chosen = np.where(use_direct, r_direct, r_zeta)
-
-    alpha = settings.total_alpha(cache.meta.alpha)
-    return _result(len(cache), n_p, alpha, rows, chosen, use_direct, disagreements, zeta, direct_count, n_p)
+    return IRSRun(model_p, x, cache, settings, batch_size=batch_size, device=device, progress=progress).result()

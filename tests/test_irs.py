@@ -1,5 +1,7 @@
 """IRS certification against a cache: replay exactness, branch rules, confidence accounting, skipped inputs."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ from torch import nn
 
 from approxtune.cache import build_base_cache
 from approxtune.data import Inputs
-from approxtune.irs import IRSSettings, Mode, certify_irs, estimate_zeta, replay
+from approxtune.irs import IRSRun, IRSSettings, Mode, certify_irs, estimate_zeta, replay
 from approxtune.statistics import lower_confidence_bound, radius, upper_confidence_bound
 
 N, N_P, SIGMA, ALPHA = 600, 200, 0.5, 0.001
@@ -97,7 +99,10 @@ def test_gamma_mode_switches_on_cached_p_a(base):
     high = cache.p_a[rows] >= gamma
     assert high.any() and (~high).any()
     np.testing.assert_allclose(result.radius[rows], np.where(high, r_direct, r_zeta))
-    assert result.alpha == pytest.approx(ALPHA + 0.001 + 0.002), "the union bound, not the paper's alpha + alpha_zeta"
+    # The threshold argument: max(alpha + alpha_zeta, alpha_zeta + alpha_d), not the union bound 0.004, and not the
+    # paper's alpha + alpha_zeta = 0.002 either, since alpha_d > alpha here.
+    assert result.alpha == pytest.approx(0.001 + max(ALPHA, 0.002))
+    assert IRSSettings(n_p=1, mode=Mode.GAMMA, alpha_zeta=0.001, alpha_d=ALPHA).total_alpha(ALPHA) == ALPHA + 0.001
 
 
 def test_bad_settings(base):
@@ -119,3 +124,49 @@ def test_no_certified_input_gives_zero_radii_without_sampling(base):
     empty = type(cache)(**{**cache.__dict__, "c_hat": (cache.label + 1) % 3})
     result = certify_irs(model, inputs.x, empty, IRSSettings(n_p=N_P))
     assert result.samples == 0 and result.acr == 0.0 and not result.evaluated.any()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        IRSSettings(n_p=N_P),
+        IRSSettings(n_p=N_P, mode=Mode.GAMMA, gamma=0.9),
+        IRSSettings(n_p=N_P, mode=Mode.TAIL, alpha_zeta=0.001, alpha_d=0.001, pilot=16, block=8),
+    ],
+    ids=["max", "gamma", "tail"],
+)
+def test_staged_run_ends_where_one_shot_ends_and_its_upper_bound_holds(base, settings):
+    """IRSRun in stages: certify_irs's certificate, no sample twice, upper_acr >= the final ACR at every stage."""
+    model, inputs, cache = base
+    approx = perturbed(model, 0.3)
+    one_shot = certify_irs(approx, inputs.x, cache, settings)
+    evaluated = []
+    run = IRSRun(approx, inputs.x, cache, settings, progress=evaluated.append)
+    bounds = [run.upper_acr()]
+    for fraction in (0.1, 0.3, 0.3, 0.6):
+        run.extend(fraction)
+        assert np.all((run.seen % cache.meta.block_size == 0) | (run.seen == run.counts))  # whole noise blocks
+        bounds.append(run.upper_acr())
+    staged = run.result()
+    assert run.complete and sum(evaluated) == staged.samples == one_shot.samples  # no sample evaluated twice
+    np.testing.assert_array_equal(staged.radius, one_shot.radius)
+    np.testing.assert_array_equal(staged.disagreements, one_shot.disagreements)
+    np.testing.assert_array_equal(staged.direct_count, one_shot.direct_count)
+    assert staged.alpha == one_shot.alpha
+    assert all(b >= staged.acr for b in bounds)
+    assert all(a >= b for a, b in itertools.pairwise(bounds))  # more samples seen: a tighter bound
+    assert bounds[0] > staged.acr  # the perturbation costs radius that the bound before any sample cannot see
+    assert run.upper_acr() == pytest.approx(staged.acr)
+
+
+def test_upper_acr_is_reached_when_every_remaining_sample_agrees(base):
+    """The bound is tight: for f itself (no disagreement, every sample as cached) it is the final ACR at every stage."""
+    model, inputs, cache = base
+    run = IRSRun(model, inputs.x, cache, IRSSettings(n_p=N_P))
+    start = run.upper_acr()
+    final = run.result().acr
+    # f agrees with itself, but predicts c_hat only where it did on the cached samples: the bound assumes c_hat on
+    # every remaining sample, so it may exceed the direct radius; the zeta radius it reaches exactly.
+    assert start >= final
+    zeta_only = IRSRun(model, inputs.x, cache, IRSSettings(n_p=N_P, mode=Mode.GAMMA, gamma=1.0))
+    assert zeta_only.upper_acr() == pytest.approx(zeta_only.result().acr)
