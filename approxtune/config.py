@@ -78,6 +78,14 @@ class IRSSection:
     alpha_zeta: float = 0.0005
     alpha_d: float = 0.0005
     gamma: float = 0.99
+    n_tail: int = 0
+    """Tail mode: cached samples kept for decisions, never replayed (0: n // 2)."""
+    allocate: bool = True
+    """Tail mode: spread n_p x inputs over the inputs where samples buy radius (false: n_p each)."""
+    block: int = 16
+    """Tail mode: the allocation's step, in samples."""
+    pilot: int = 0
+    """Tail mode: tail samples per input run through f^p first, paid from n_p."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,8 @@ class SearchSection:
     """Seconds between the heartbeats a worker records for its running trial."""
     grace_period: int = 90
     """Seconds without a heartbeat after which a running trial is failed and retried by another worker."""
+    race: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5])
+    """Fractions of a trial's replay after which it stops if it cannot reach the front ([] turns racing off)."""
     constraints: ConstraintsSection = field(default_factory=ConstraintsSection)
 
 
@@ -161,7 +171,17 @@ class Study:
     @property
     def irs_settings(self) -> IRSSettings:
         i = self.irs
-        return IRSSettings(n_p=i.n_p, alpha_zeta=i.alpha_zeta, alpha_d=i.alpha_d, mode=Mode(i.mode), gamma=i.gamma)
+        return IRSSettings(
+            n_p=i.n_p,
+            alpha_zeta=i.alpha_zeta,
+            alpha_d=i.alpha_d,
+            mode=Mode(i.mode),
+            gamma=i.gamma,
+            n_tail=i.n_tail or None,
+            allocate=i.allocate,
+            block=i.block,
+            pilot=i.pilot,
+        )
 
 
 def _type_name(tp: Any) -> str:
@@ -226,6 +246,13 @@ def _validate(s: Study) -> None:
         value = getattr(i, key)
         _require(0 < value < 0.5, f"irs.{key} must lie in (0, 0.5), got {value}")
     _require(0.5 < i.gamma <= 1, f"irs.gamma must lie in (0.5, 1], got {i.gamma}")
+    _require(0 <= i.n_tail < c.n, f"irs.n_tail must lie in [0, certify.n = {c.n}) (0: n // 2), got {i.n_tail}")
+    _require(i.block >= 1 and i.pilot >= 0, f"irs.block must be >= 1 and irs.pilot >= 0, got {i.block}, {i.pilot}")
+    if i.mode == Mode.TAIL:
+        try:
+            s.irs_settings.tail_length(c.n)
+        except ValueError as exc:
+            raise ConfigError(f"irs (mode 'tail'): {exc}") from None
     _choice("model.arch", s.model.arch, tuple(ARCHITECTURES))
     _choice("data.dataset", d.dataset, DATASETS)
     _require(d.search_inputs >= 1 and d.report_inputs >= 1, "data.search_inputs and data.report_inputs must be >= 1")
@@ -243,6 +270,10 @@ def _validate(s: Study) -> None:
     _require(
         q.grace_period > q.heartbeat_interval,
         f"search.grace_period ({q.grace_period}) must exceed search.heartbeat_interval ({q.heartbeat_interval})",
+    )
+    _require(
+        all(0 < f < 1 for f in q.race) and q.race == sorted(set(q.race)),
+        f"search.race must list increasing fractions in (0, 1) (or [] for no racing), got {q.race}",
     )
     _require(bool(q.prune), "search.prune must list at least one pruning amount (0.0 for none)")
     _require(all(0 <= p < 1 for p in q.prune), f"search.prune amounts must lie in [0, 1), got {q.prune}")

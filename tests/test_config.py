@@ -21,6 +21,23 @@ def test_defaults(tmp_path):
     assert study.storage == "sqlite:///runs/s/study.db"
     assert study.checkpoint == Path("runs/s/model.pt")
     assert study.irs_settings.total_alpha(study.certify.alpha) == pytest.approx(0.002)
+    assert study.search.race == [0.125, 0.25, 0.5]
+
+
+def test_tail_mode_keys_reach_the_irs_settings(tmp_path):
+    text = "[irs]\nmode = 'tail'\nn_tail = 1500\nn_p = 300\npilot = 16\nallocate = false\nblock = 8"
+    settings = load_study(write(tmp_path, text)).irs_settings
+    assert (settings.mode, settings.n_tail, settings.pilot, settings.allocate, settings.block) == (
+        "tail",
+        1500,
+        16,
+        False,
+        8,
+    )
+    assert settings.tail_length(2000) == 1500
+    assert (
+        load_study(write(tmp_path, "[irs]\nmode = 'tail'")).irs_settings.tail_length(2000) == 1000
+    )  # n_tail = 0: n // 2
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=[p.name for p in STUDIES])
@@ -56,6 +73,12 @@ def test_digits_variants_differ_only_in_sigma():
         ("[search]\nsampler = 'tpe2'", "did you mean 'tpe'"),
         ("[search.constraints]\nmax_size = 0.5", "did you mean 'max_size_ratio'"),
         ("[data]\ndataset = 'cifar10'", "data.root must name the folder"),
+        ("[irs]\nn_tail = 2000", r"irs.n_tail must lie in \[0, certify.n = 2000\)"),
+        ("[irs]\nblock = 0", "irs.block must be >= 1"),
+        ("[irs]\nmode = 'tail'\nn_p = 1200", "n_p = 1200 reaches into the tail"),
+        ("[irs]\nmode = 'tail'\npilot = 400", "pilot = 400 must be below n_p = 400"),
+        ("[search]\nrace = [0.5, 0.25]", "search.race must list increasing fractions"),
+        ("[search]\nrace = [1.0]", "search.race must list increasing fractions"),
     ],
 )
 def test_bad_input(tmp_path, text, message):
