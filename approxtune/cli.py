@@ -36,6 +36,8 @@ from approxtune.data import Inputs
 from approxtune.search import clean_accuracy
 
 console = Console(stderr=True)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+"""Trials that count towards search.trials: a trial stopped by racing was a candidate evaluated."""
 out = Console()
 
 CERT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
@@ -223,7 +225,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
         # Optuna checks for stale trials only when a trial starts; a study that needs no more trials would otherwise
         # keep the trial of a worker that died near its end RUNNING for ever.
         optuna.storages.fail_stale_trials(optuna_study)
-    done = len(optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    done = len(optuna_study.get_trials(deepcopy=False, states=FINISHED))
     remaining = max(0, study.search.trials - done)
     how = f"created it; baselines: {', '.join(opened.enqueued) or 'none'}" if opened.created else "joined it"
     console.print(
@@ -233,14 +235,18 @@ def cmd_tune(args: argparse.Namespace) -> None:
         highlight=False,
     )
     if remaining:
+        fp32_size = attrs["fp32_size_bytes"]
         with progress_bar("trials", remaining) as advance, StopAfterTrial() as stopper:
 
-            def on_result(trial: optuna.Trial, result: search.TrialResult) -> None:
-                console.print(
-                    f"trial {trial.number:3d}  ACR {result.acr:.4f}  acc {result.accuracy:.3f}  "
-                    f"size {result.size_ratio:6.1%}  {result.seconds:5.1f}s  {result.config.summary()}",
-                    highlight=False,
-                )
+            def on_result(trial: optuna.Trial, result: search.TrialResult | search.Stopped) -> None:
+                if isinstance(result, search.Stopped):
+                    acr, accuracy, size = result.upper
+                    line = f"ACR ≤{acr:.4f} acc {accuracy:.3f}  size {size / fp32_size:6.1%}  {result.seconds:5.1f}s"
+                    line += f"  stopped at {result.stage:.1%} of its samples: {result.reason}"
+                else:
+                    line = f"ACR {result.acr:.4f}  acc {result.accuracy:.3f}  size {result.size_ratio:6.1%}"
+                    line += f"  {result.seconds:5.1f}s  {result.config.summary()}"
+                console.print(f"trial {trial.number:3d}  {line}", highlight=False)
                 advance(1)
 
             objective = search.make_objective(study, model, inputs, cache, base_accuracy, device, on_result)
@@ -248,7 +254,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
                 objective,
                 n_trials=remaining,
                 timeout=study.search.timeout or None,
-                callbacks=[stopper, MaxTrialsCallback(study.search.trials, states=(TrialState.COMPLETE,))],
+                callbacks=[stopper, MaxTrialsCallback(study.search.trials, states=FINISHED)],
             )
     _show_front(study, optuna_study, as_json=False)
 

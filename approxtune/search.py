@@ -11,6 +11,16 @@ Each trial samples a precision and a pruning amount for every searched layer, bu
 ``study.best_trials`` is the Pareto front.  Trials carry their numbers as user attributes, so optuna-dashboard shows
 them; the study records what its trials were certified against and refuses to resume against anything else.
 
+**Racing.**  Most candidates of a multi-objective search end up dominated.  A trial's accuracy and size are known
+before any noise sample; its ACR is bounded from above, before sampling and after each fraction ``search.race`` of
+its replay, by :meth:`approxtune.irs.IRSRun.upper_acr` (every remaining sample agreeing with f).  When that best
+reachable ``(ACR, accuracy, size)`` is Pareto-dominated by a complete feasible trial, or the candidate breaks a
+constraint, the full run could not reach the feasible front either: the trial stops as PRUNED with what it had
+seen in its user attributes (Optuna's pruners do not work for multi-objective studies; we raise
+``optuna.TrialPruned`` ourselves).  Otherwise the same replay is extended, so no sample is evaluated twice, and only a
+trial that reaches its full pre-set budget reports a certificate.  The front of the trials run is therefore exactly
+the front those trials would have without racing, and every certificate keeps its stated confidence.
+
 **Several workers.**  Any number of ``approxtune tune`` processes, on any number of machines, can share one study
 through a database server (``search.storage = "postgresql+psycopg2://..."``).  Exactly one of them creates the study
 (``optuna.create_study(load_if_exists=False)`` is decided by the database's unique study name: the others get
@@ -52,19 +62,23 @@ from approxtune.approximation import (
 from approxtune.cache import BaseCache
 from approxtune.config import Study
 from approxtune.data import Inputs
-from approxtune.irs import certify_irs
+from approxtune.irs import IRSRun
 
 __all__ = [
     "OBJECTIVES",
     "OpenedStudy",
+    "Stopped",
     "StudyMismatchError",
     "TrialResult",
+    "constraint_violation",
     "create_study",
+    "dominates",
     "enqueue_baselines",
     "evaluate",
     "front",
     "is_shared_storage",
     "make_objective",
+    "make_race",
     "masked_url",
     "storage",
     "study_attrs",
@@ -87,6 +101,10 @@ def clean_accuracy(model: nn.Module, inputs: Inputs, device: torch.device | str 
     return float((torch.cat(preds) == inputs.y).float().mean())
 
 
+Values = tuple[float, float, int]
+"""A trial's objectives: (ACR, accuracy, size in bytes)."""
+
+
 @dataclass
 class TrialResult:
     """What one candidate scores; ``to_attrs`` is what a trial records."""
@@ -105,7 +123,7 @@ class TrialResult:
     radii: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
 
     @property
-    def values(self) -> tuple[float, float, int]:
+    def values(self) -> Values:
         return (self.acr, self.accuracy, self.size_bytes)
 
     def to_attrs(self) -> dict:
@@ -116,6 +134,36 @@ class TrialResult:
         return attrs
 
 
+Race = Callable[[Values], str | None]
+"""Given a candidate's best reachable values, the reason to stop it now (dominated, infeasible), or None."""
+
+
+def dominates(a: Values, b: Values) -> bool:
+    """Whether ``a`` Pareto-dominates ``b``: ACR and accuracy at least as high, size at most as large, not equal."""
+    return a[0] >= b[0] and a[1] >= b[1] and a[2] <= b[2] and tuple(a) != tuple(b)
+
+
+class Stopped(Exception):
+    """A raced candidate stopped before its full budget: no certificate, only what was seen."""
+
+    def __init__(self, reason: str, stage: float, upper: Values, samples: int, seconds: float, summary: str) -> None:
+        super().__init__(reason)
+        self.reason, self.stage, self.upper, self.samples, self.seconds = reason, stage, upper, samples, seconds
+        self.summary = summary
+
+    def to_attrs(self) -> dict:
+        return {
+            "stopped": self.reason,
+            "race_stage": self.stage,
+            "upper_acr": self.upper[0],
+            "accuracy": self.upper[1],
+            "size_bytes": self.upper[2],
+            "samples": self.samples,
+            "seconds": self.seconds,
+            "summary": self.summary,
+        }
+
+
 def evaluate(
     model: nn.Module,
     config: ApproximationConfig,
@@ -123,15 +171,29 @@ def evaluate(
     cache: BaseCache,
     study: Study,
     device: torch.device | str = "cpu",
+    race: Race | None = None,
 ) -> TrialResult:
-    """Build f^p from ``config`` and score it: clean accuracy, IRS against ``cache``, compressed size."""
+    """Build f^p from ``config`` and score it: clean accuracy, IRS against ``cache``, compressed size.
+
+    With ``race``, the candidate is raced (see the module docstring): ``race`` sees its best reachable values before
+    any sample and after each fraction ``study.search.race`` of the replay, and :class:`Stopped` is raised as soon as
+    it names a reason.
+    """
     start = time.perf_counter()
     packed = compress_model(model, config)
     approx = apply_approximation(model, config, packed).to(device)
     accuracy = clean_accuracy(approx, inputs, device)
-    settings = study.irs_settings
-    result = certify_irs(approx, inputs.x, cache, settings, batch_size=study.certify.batch_size, device=device)
     size = model_size_bytes(model, config, packed)
+    run = IRSRun(approx, inputs.x, cache, study.irs_settings, batch_size=study.certify.batch_size, device=device)
+    for stage in (0.0, *study.search.race) if race is not None else ():
+        run.extend(stage)
+        if stage > 0 and run.complete:  # whole noise blocks reached the full budget: nothing left to save
+            break
+        upper = (run.upper_acr(), accuracy, size)
+        reason = race(upper)
+        if reason is not None:
+            raise Stopped(reason, stage, upper, run.samples, time.perf_counter() - start, config.summary())
+    result = run.result()
     return TrialResult(
         config=config,
         acr=result.acr,
@@ -146,6 +208,32 @@ def evaluate(
         seconds=time.perf_counter() - start,
         radii=result.radius,
     )
+
+
+def constraint_violation(study: Study, base_accuracy: float, fp32_size: int, values: Values) -> str | None:
+    """Which of ``search.constraints`` a trial with these values breaks, or None when it is feasible."""
+    limits = study.search.constraints
+    accuracy_drop, size_ratio = base_accuracy - values[1], values[2] / fp32_size
+    if accuracy_drop > limits.max_accuracy_drop:
+        return f"accuracy drop {accuracy_drop:.3f} > search.constraints.max_accuracy_drop"
+    if size_ratio > limits.max_size_ratio:
+        return f"size ratio {size_ratio:.3f} > search.constraints.max_size_ratio"
+    return None
+
+
+def make_race(
+    study: Study, base_accuracy: float, fp32_size: int, rivals: Callable[[], Sequence[tuple[int, Values]]]
+) -> Race:
+    """The :data:`Race` of a study: stop a candidate that breaks a constraint or whose best reachable values one of
+    ``rivals()`` (trial number and values of every complete feasible trial) dominates."""
+
+    def race(upper: Values) -> str | None:
+        violation = constraint_violation(study, base_accuracy, fp32_size, upper)
+        if violation is not None:
+            return violation
+        return next((f"dominated by trial {number}" for number, v in rivals() if dominates(v, upper)), None)
+
+    return race
 
 
 def searched_layers(study: Study, model: nn.Module) -> list[str]:
@@ -185,6 +273,10 @@ def study_attrs(study: Study, cache: BaseCache, base_accuracy: float, model: nn.
         "alpha_d": i.alpha_d,
         "irs_mode": i.mode,
         "gamma": i.gamma,
+        "n_tail": i.n_tail,
+        "allocate": i.allocate,
+        "block": i.block,
+        "pilot": i.pilot,
         "confidence": 1.0 - study.irs_settings.total_alpha(cache.meta.alpha),
         "search_inputs": len(cache),
         "base_acr": float(cache.summary()["acr"]),
@@ -194,6 +286,8 @@ def study_attrs(study: Study, cache: BaseCache, base_accuracy: float, model: nn.
 
 
 CHECKED_ATTRS = ("cache_fingerprint", "sigma", "n", "alpha", "n_p", "alpha_zeta", "alpha_d", "irs_mode", "gamma")
+TAIL_ATTRS = ("n_tail", "allocate", "block", "pilot")
+"""Checked on resume as well when the IRS mode is "tail" (the other modes ignore them)."""
 
 
 def make_sampler(study: Study, seed: int | None = None) -> optuna.samplers.BaseSampler:
@@ -381,9 +475,8 @@ def _wait_for_setup(optuna_study: optuna.Study, study: Study, timeout: float) ->
 
 
 def _check_recorded(study: Study, recorded: dict, attrs: dict) -> None:
-    diffs = [
-        f"{k}: study has {recorded.get(k)!r}, now {attrs[k]!r}" for k in CHECKED_ATTRS if recorded.get(k) != attrs[k]
-    ]
+    keys = CHECKED_ATTRS + (TAIL_ATTRS if attrs["irs_mode"] == "tail" else ())
+    diffs = [f"{k}: study has {recorded.get(k)!r}, now {attrs[k]!r}" for k in keys if recorded.get(k) != attrs[k]]
     if not diffs:
         return
     hint = ""
@@ -443,16 +536,35 @@ def make_objective(
     cache: BaseCache,
     base_accuracy: float,
     device: torch.device | str,
-    on_result: Callable[[optuna.Trial, TrialResult], None] | None = None,
-) -> Callable[[optuna.Trial], tuple[float, float, int]]:
+    on_result: Callable[[optuna.Trial, TrialResult | Stopped], None] | None = None,
+) -> Callable[[optuna.Trial], Values]:
+    """The Optuna objective: sample a config, race it (when ``search.race`` is set), record and return its values.
+
+    ``on_result`` is called with the :class:`TrialResult` of a complete trial or the :class:`Stopped` of a pruned one.
+    """
     layers = searched_layers(study, model)
     limits = study.search.constraints
+    fp32_size = fp32_size_bytes(model)
     worker = worker_id()
 
-    def objective(trial: optuna.Trial) -> tuple[float, float, int]:
+    def objective(trial: optuna.Trial) -> Values:
         trial.set_user_attr("worker", worker)  # which process runs it (a stale trial's worker died)
         config = suggest_config(trial, layers, study)
-        result = evaluate(model, config, inputs, cache, study, device)
+
+        def rivals() -> list[tuple[int, Values]]:
+            complete = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            return [(t.number, tuple(t.values)) for t in complete if feasible(t)]
+
+        race = make_race(study, base_accuracy, fp32_size, rivals) if study.search.race else None
+        try:
+            result = evaluate(model, config, inputs, cache, study, device, race)
+        except Stopped as stopped:
+            for key, value in stopped.to_attrs().items():
+                trial.set_user_attr(key, value)
+            trial.set_user_attr("config", config.to_dict())
+            if on_result is not None:
+                on_result(trial, stopped)
+            raise optuna.TrialPruned(stopped.reason) from None
         for key, value in result.to_attrs().items():
             trial.set_user_attr(key, value)
         accuracy_drop = base_accuracy - result.accuracy
@@ -460,9 +572,7 @@ def make_objective(
         trial.set_constraint("size_ratio", result.size_ratio - limits.max_size_ratio)
         # optuna-dashboard 0.21 does not show Optuna 5's trial constraints: repeat them as user attrs.
         trial.set_user_attr("accuracy_drop", accuracy_drop)
-        trial.set_user_attr(
-            "feasible", accuracy_drop <= limits.max_accuracy_drop and result.size_ratio <= limits.max_size_ratio
-        )
+        trial.set_user_attr("feasible", constraint_violation(study, base_accuracy, fp32_size, result.values) is None)
         if on_result is not None:
             on_result(trial, result)
         return result.values

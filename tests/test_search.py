@@ -1,0 +1,126 @@
+"""The search objective and its racing: a stopped trial could not have reached the front, nothing else changes."""
+
+import dataclasses
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from _studies import tiny_study
+
+from approxtune import pipeline, search
+from approxtune.config import load_study
+
+TRIALS = 14
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny digits study whose IRS mode takes the zeta branch everywhere (gamma = 1), so racing bounds are tight."""
+    root = tmp_path_factory.mktemp("search")
+    path = root / "race.toml"
+    path.write_text(tiny_study("race", seed=3).replace("[irs]\n", "[irs]\nmode = 'gamma'\ngamma = 1.0\n"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        study = load_study(path)
+        model = pipeline.ensure_model(study)
+        inputs = pipeline.load_inputs(study, "search")
+        cache, base_accuracy = pipeline.ensure_cache(study, model, inputs, "search", device=torch.device("cpu"))
+    return study, model, inputs, cache, base_accuracy
+
+
+def _with(study, race=None, **constraints):
+    search_section = study.search
+    if race is not None:
+        search_section = dataclasses.replace(search_section, race=race)
+    if constraints:
+        search_section = dataclasses.replace(
+            search_section, constraints=dataclasses.replace(search_section.constraints, **constraints)
+        )
+    return dataclasses.replace(study, search=search_section)
+
+
+def _run(setup, study, params=None, n_trials=TRIALS):
+    """Run ``n_trials`` in memory: ``params`` enqueued in order (else a seeded random sampler); returns the study."""
+    _, model, inputs, cache, base_accuracy = setup
+    optuna_study = optuna.create_study(
+        directions=list(search.DIRECTIONS), sampler=optuna.samplers.RandomSampler(seed=7)
+    )
+    for p in params or ():
+        optuna_study.enqueue_trial(p)
+    objective = search.make_objective(study, model, inputs, cache, base_accuracy, "cpu")
+    optuna_study.optimize(objective, n_trials=n_trials)
+    return optuna_study
+
+
+def test_dominates():
+    assert search.dominates((0.5, 0.9, 100), (0.4, 0.9, 100))
+    assert search.dominates((0.5, 0.9, 100), (0.5, 0.8, 100))
+    assert search.dominates((0.5, 0.9, 100), (0.5, 0.9, 101))
+    assert not search.dominates((0.5, 0.9, 100), (0.5, 0.9, 100))  # equal values: neither dominates
+    assert not search.dominates((0.5, 0.9, 100), (0.6, 0.8, 50))
+    assert not search.dominates((0.5, 0.9, 100), (0.4, 0.9, 99))
+
+
+def test_racing_stops_only_dominated_trials_and_keeps_every_certificate_and_the_front(setup):
+    study = setup[0]
+    plain = _run(setup, _with(study, race=[]))
+    order = [t.params for t in plain.trials]
+    raced = _run(setup, _with(study, race=[0.25, 0.5, 0.75]), params=order)
+
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in plain.trials)
+    stopped = [t for t in raced.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert stopped, "racing stopped no trial: the test would not see a wrong stop"
+    assert len(stopped) < TRIALS
+    for before, after in zip(plain.trials, raced.trials, strict=True):
+        assert before.params == after.params
+        if after.state == optuna.trial.TrialState.COMPLETE:
+            assert after.values == before.values  # the same samples, the same certificate
+            assert after.user_attrs["samples"] == before.user_attrs["samples"]
+            continue
+        attrs = after.user_attrs
+        # The bound held: the full run would have reached at most the upper ACR it was stopped with...
+        assert attrs["upper_acr"] >= before.values[0]
+        assert (attrs["accuracy"], attrs["size_bytes"]) == (before.values[1], before.values[2])
+        assert attrs["samples"] < before.user_attrs["samples"]
+        # ...and the trial named as its dominator, complete before it, dominates its full values too.
+        rival = raced.trials[int(attrs["stopped"].removeprefix("dominated by trial "))]
+        assert rival.number < after.number and rival.state == optuna.trial.TrialState.COMPLETE
+        assert search.dominates(tuple(rival.values), tuple(before.values))
+    assert {tuple(t.values) for t in search.front(raced)} == {tuple(t.values) for t in search.front(plain)}
+    saved = 1 - sum(t.user_attrs["samples"] for t in raced.trials) / sum(t.user_attrs["samples"] for t in plain.trials)
+    print(f"racing: {len(stopped)} of {TRIALS} trials stopped, {saved:.0%} of the samples saved")
+
+
+def test_an_infeasible_candidate_stops_before_any_sample(setup):
+    study = _with(setup[0], max_size_ratio=0.6)
+    fp32 = {
+        f"{layer}.{key}": value
+        for layer in ("conv1", "conv2", "fc1", "fc2")
+        for key, value in (("precision", "fp32"), ("prune", 0.0))
+    }
+    int8 = {k: ("int8" if k.endswith("precision") else v) for k, v in fp32.items()}
+    result = _run(setup, study, params=[fp32, int8], n_trials=2)
+    stopped, complete = result.trials
+    assert stopped.state == optuna.trial.TrialState.PRUNED and stopped.user_attrs["samples"] == 0
+    assert "max_size_ratio" in stopped.user_attrs["stopped"] and stopped.user_attrs["race_stage"] == 0.0
+    assert complete.state == optuna.trial.TrialState.COMPLETE and complete.user_attrs["feasible"]
+    # Without racing the same candidate runs in full and is recorded infeasible.
+    plain = _run(setup, _with(study, race=[]), params=[fp32], n_trials=1)
+    assert plain.trials[0].state == optuna.trial.TrialState.COMPLETE and not plain.trials[0].user_attrs["feasible"]
+
+
+def test_evaluate_without_race_never_stops(setup):
+    study, model, inputs, cache, _ = setup
+    config = search.ApproximationConfig.from_dict(
+        {"layers": {name: {"precision": "int4", "prune": 0.5} for name in ("conv1", "conv2", "fc1", "fc2")}}
+    )
+    result = search.evaluate(model, config, inputs, cache, study)
+    assert result.samples == int(np.count_nonzero(cache.certified)) * study.irs.n_p
+
+    def always(upper):
+        return "stop"
+
+    with pytest.raises(search.Stopped) as stop:
+        search.evaluate(model, config, inputs, cache, study, race=always)
+    assert stop.value.samples == 0 and stop.value.upper[0] >= result.acr
