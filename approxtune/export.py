@@ -625,13 +625,21 @@ def _recheck_irs(
             on_rebuild=lambda why: say(f"Rebuilding {study.cache_path('report')}: {why}"),
         )
     say(f"{'Wrote' if built else 'Reusing'} the base cache {study.cache_path('report')}")
-    with progress("IRS of f^p on the report inputs", int(cache.certified.sum()) * settings.n_p) as advance:
+    budget = int(cache.certified.sum()) * settings.n_p  # tail mode spends at most this, the pilot included
+    with progress("IRS of f^p on the report inputs", budget) as advance:
         result = certify_irs(model, inputs.x, cache, settings, batch_size=c.batch_size, device=device, progress=advance)
+    replayed = f"the first {settings.n_p} estimation samples, replayed"
+    if result.n_tail:  # tail mode: per-input counts decided from the last n_tail cached samples
+        counts = result.counts[result.evaluated]
+        replayed = (
+            f"the first k_i estimation samples of input i, replayed (k_i from {counts.min(initial=0)} to "
+            f"{counts.max(initial=0)}, {result.samples} samples in all with {result.pilot_samples} pilot samples), "
+            f"k_i and the branch decided from the last {result.n_tail} cached samples, which are never replayed"
+        )
     noise = {
         "run_seed": cache.meta.seed,
         "streams": ["SELECTION", "ESTIMATION"],
-        "samples": f"base model: {c.n0} selection + {c.n} estimation samples per input; f^p: the first "
-        f"{settings.n_p} estimation samples, replayed",
+        "samples": f"base model: {c.n0} selection + {c.n} estimation samples per input; f^p: {replayed}",
         "base_cache": str(study.cache_path("report")),
         "base_cache_fingerprint": cache_fingerprint(cache),
     }
@@ -645,6 +653,8 @@ def _recheck_irs(
         "irs_mode": settings.mode.value,
         "gamma": settings.gamma,
     }
+    if result.n_tail:
+        levels.update(n_tail=result.n_tail, allocate=settings.allocate, block=settings.block, pilot=settings.pilot)
     predicted = np.where(result.radius > 0, cache.c_hat, -1)
     return result.radius, predicted, settings.total_alpha(c.alpha), noise, levels
 

@@ -502,3 +502,17 @@ def test_a_cifar_resnet_with_batchnorm_exports_and_reloads_bit_for_bit(tmp_path)
     deployed = torch.export.load(tmp_path / "resnet" / "model.pt2").module()
     with torch.inference_mode():
         assert torch.equal(deployed(x), loaded(x))
+
+
+def test_a_tail_mode_study_exports_a_certificate_that_names_its_per_input_counts(tmp_path, monkeypatch):
+    """Tail mode end to end: tune, then export; the certificate states the tail settings and the ragged counts."""
+    text = tiny_study("export-tail", seed=4).replace("[irs]\n", "[irs]\nmode = 'tail'\npilot = 8\n")
+    (tmp_path / "tail.toml").write_text(text.replace("trials = 9", "trials = 2\nbaselines = false"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["tune", "tail.toml"]) == 0
+    assert main(["export", "tail.toml", "--trial", "0", "--out", "out"]) == 0
+    cert = json.loads((tmp_path / "out/certificate.json").read_text())
+    assert cert["irs_mode"] == "tail" and cert["n_tail"] == 100 and cert["pilot"] == 8 and cert["allocate"]
+    assert cert["confidence"] == pytest.approx(1 - (0.001 + 0.0005))  # alpha + max(alpha_zeta, alpha_d)
+    assert "decided from the last 100 cached samples" in cert["noise"]["samples"]
+    assert cert["search"]["reproduced_acr"] == pytest.approx(cert["search"]["acr"])
