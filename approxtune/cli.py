@@ -256,6 +256,9 @@ def cmd_tune(args: argparse.Namespace) -> None:
                 timeout=study.search.timeout or None,
                 callbacks=[stopper, MaxTrialsCallback(study.search.trials, states=FINISHED)],
             )
+    stopped = len(optuna_study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
+    if stopped:
+        console.print(f"Racing stopped {stopped} trial(s) early: they could not reach the front (search.race).")
     _show_front(study, optuna_study, as_json=False)
 
 
