@@ -451,7 +451,8 @@ def _tail_plan(
 class IRSRun:
     """IRS certification of g^p in stages: a plan fixed before f^p sees a replayed sample, then replay in prefixes.
 
-    The plan: the inputs evaluated (those whose cached certificate predicts the label), each one's sample count
+    The plan: the inputs evaluated (those whose cached certificate predicts the label and whose radius could be
+    positive at all), each one's sample count
     (``n_p``, or tail mode's allocation) and, where the mode fixes it in advance, its branch ("gamma": the cached
     ``p_a >= gamma``; "tail": the plausible radii; "max" decides at the end).  :meth:`extend` replays the next samples
     of every input, so a run that is continued never evaluates a sample twice and ends, sample for sample, where
@@ -488,6 +489,12 @@ class IRSRun:
             self.rows = np.flatnonzero(cache.certified)
             self.counts = np.full(len(self.rows), settings.n_p, dtype=np.int64)
             self.branch = cache.p_a[self.rows] >= settings.gamma if settings.mode is Mode.GAMMA else None
+        # An input whose radius is 0 even if every replayed sample agrees with f and predicts c_hat (zeta branch with
+        # p_a - UCB(0, k, alpha_zeta) <= 1/2) cannot be certified: it is not replayed, and its radius stays 0.
+        certifiable, _, _ = self._radii(np.zeros_like(self.counts), self.counts)
+        keep = certifiable > 0
+        self.rows, self.counts = self.rows[keep], self.counts[keep]
+        self.branch = None if self.branch is None else self.branch[keep]
         self.seen = np.zeros(len(self.rows), dtype=np.int64)
         self.disagreements = np.zeros(len(self.rows), dtype=np.int64)
         self.hits = np.zeros(len(self.rows), dtype=np.int64)

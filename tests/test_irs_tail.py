@@ -207,9 +207,16 @@ def test_decisions_ignore_the_replayed_prefix(small, pilot):
 
 
 def test_uniform_tail_mode_gives_every_input_n_p(small):
+    """Every certified input gets n_p, except those whose radius is 0 whatever f^p does: the zeta branch with
+    p_a - UCB(0, n_p, alpha_zeta) <= 1/2, which are not replayed at all."""
     _, approx, inputs, cache = small
-    res = certify_irs(approx, inputs.x, cache, IRSSettings(n_p=120, mode="tail", n_tail=300, allocate=False))
-    assert np.all(res.counts[cache.certified] == 120) and res.samples == 120 * cache.certified.sum()
+    settings = IRSSettings(n_p=120, mode="tail", n_tail=300, allocate=False)
+    res = certify_irs(approx, inputs.x, cache, settings)
+    assert np.all(res.counts[res.evaluated] == 120) and res.samples == 120 * res.evaluated.sum()
+    skipped = cache.certified & ~res.evaluated
+    assert skipped.any(), "no input is skipped: the check below would not see a wrong skip"
+    floor = upper_confidence_bound(np.zeros(1), 120, settings.alpha_zeta)
+    assert np.all(cache.p_a[skipped] - floor <= 0.5) and np.all(res.radius[skipped] == 0)
     assert IRSSettings(n_p=1, mode=Mode.TAIL, alpha_zeta=0.002, alpha_d=0.001).total_alpha(0.001) == 0.003
 
 
