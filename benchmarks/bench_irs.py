@@ -578,7 +578,7 @@ def paper_table(exp: dict, mode: str, cols: tuple[str, ...], table: str) -> list
 def rule_table(exp: dict) -> list[str]:
     lines = [
         "| rule | mode | γ | α_ζ | α_d | allocate / pilot | stated total α (scratch's α_b) | accounting "
-        "| improvement it switches on | `IRSResult.alpha` today |",
+        "| improvement it switches on | `IRSResult.alpha` at the run |",
         "|---|---|---:|---:|---:|---|---:|---|---|---:|",
     ]
     first = next(iter(exp["sigmas"].values()))["approximations"]
