@@ -25,8 +25,10 @@ __all__ = [
     "DataError",
     "Inputs",
     "cifar10_inputs",
+    "dataset_size",
     "digits_splits",
     "imagefolder_inputs",
+    "read_inputs",
     "tensor_file_inputs",
 ]
 
@@ -461,3 +463,35 @@ def tensor_file_inputs(path: str | Path, indices: Sequence[int] | np.ndarray | N
     idx = _selection(indices, len(images), f"tensor file {path}")
     x = _unit_float(_nchw(images, path)[torch.from_numpy(idx)], path)
     return Inputs(x.contiguous(), labels[torch.from_numpy(idx)].contiguous(), idx)
+
+
+def dataset_size(dataset: str, root: str | Path) -> tuple[int, str]:
+    """The number of test/validation images under ``root`` and how to name them, decoding no image.
+
+    Every check of the readers runs first, so a missing or malformed dataset raises their :class:`DataError`.
+    ``dataset``: ``cifar10`` (its test split), ``imagefolder`` or ``tensors``.
+    """
+    root = Path(root)
+    if dataset == "cifar10":
+        folder = _cifar10_folder(root, _CIFAR10_BATCHES["test"])
+        _, labels = _read_cifar_batch(folder / "test_batch")
+        return len(labels), f"the CIFAR-10 test split in {folder}"
+    if dataset == "imagefolder":
+        imagefolder_inputs(root, indices=[])  # the reader's checks of the folder; decodes nothing
+        from torchvision.datasets import ImageFolder
+
+        return len(ImageFolder(str(root), allow_empty=True).samples), f"image folder {root}"
+    if dataset == "tensors":
+        if not root.is_file():
+            tensor_file_inputs(root)  # raises the reader's DataError for a missing file
+        return len(_entry(_load_tensor_file(root), _LABEL_KEYS, "labels", root)), f"tensor file {root}"
+    raise ValueError(f"dataset {dataset!r} is not supported")
+
+
+def read_inputs(dataset: str, root: str | Path, indices: Sequence[int] | np.ndarray) -> Inputs:
+    """The images ``indices`` (of :func:`dataset_size`'s numbering) of a real dataset, decoded as its reader does."""
+    if dataset == "cifar10":
+        return cifar10_inputs(root, "test", indices)
+    if dataset == "imagefolder":
+        return imagefolder_inputs(root, indices)
+    return tensor_file_inputs(root, indices)

@@ -15,20 +15,7 @@ from torch import nn
 
 from approxtune.cache import BaseCache, CacheError, CacheMeta, build_base_cache, load_cache, model_fingerprint
 from approxtune.config import Study
-from approxtune.data import (
-    _CIFAR10_BATCHES,
-    _LABEL_KEYS,
-    DataError,
-    Inputs,
-    _cifar10_folder,
-    _entry,
-    _load_tensor_file,
-    _read_cifar_batch,
-    cifar10_inputs,
-    digits_splits,
-    imagefolder_inputs,
-    tensor_file_inputs,
-)
+from approxtune.data import DataError, Inputs, dataset_size, digits_splits, read_inputs
 from approxtune.models import CheckpointError, load_checkpoint, save_checkpoint
 from approxtune.noise import DEFAULT_BLOCK_SIZE
 from approxtune.training import train_model
@@ -84,7 +71,7 @@ def load_inputs(study: Study, split: str) -> Inputs:
         raise ValueError(f"split must be one of {', '.join(REAL_SPLITS)} for a {d.dataset} study, not {split!r}")
     root = Path(d.root)
     try:
-        total, source = _dataset_size(d.dataset, root)
+        total, source = dataset_size(d.dataset, root)
     except DataError as exc:
         raise DataError(f"{exc} (data.root in {study.path} must name {_ROOT_HINTS[d.dataset]})") from None
     try:
@@ -92,7 +79,7 @@ def load_inputs(study: Study, split: str) -> Inputs:
     except DataError as exc:
         raise DataError(f"{exc} in {study.path}") from None
     try:
-        return _read(d.dataset, root, indices)
+        return read_inputs(d.dataset, root, indices)
     except DataError as exc:
         raise DataError(f"{exc} ({study.path}: data.root = {d.root!r})") from None
 
@@ -112,35 +99,6 @@ def split_indices(
         )
     order = np.random.default_rng(split_seed).permutation(total)
     return {"report": np.sort(order[:report]), "search": np.sort(order[report : report + search])}
-
-
-def _dataset_size(dataset: str, root: Path) -> tuple[int, str]:
-    """The number of test/validation images under ``root`` and how to name them, decoding no image.
-
-    Every check of the readers runs first, so a missing or malformed dataset raises their :class:`DataError`.
-    """
-    if dataset == "cifar10":
-        folder = _cifar10_folder(root, _CIFAR10_BATCHES["test"])
-        _, labels = _read_cifar_batch(folder / "test_batch")
-        return len(labels), f"the CIFAR-10 test split in {folder}"
-    if dataset == "imagefolder":
-        imagefolder_inputs(root, indices=[])  # the reader's checks of the folder; decodes nothing
-        from torchvision.datasets import ImageFolder
-
-        return len(ImageFolder(str(root), allow_empty=True).samples), f"image folder {root}"
-    if dataset == "tensors":
-        if not root.is_file():
-            tensor_file_inputs(root)  # raises the reader's DataError for a missing file
-        return len(_entry(_load_tensor_file(root), _LABEL_KEYS, "labels", root)), f"tensor file {root}"
-    raise ValueError(f"dataset {dataset!r} is not supported")
-
-
-def _read(dataset: str, root: Path, indices: np.ndarray) -> Inputs:
-    if dataset == "cifar10":
-        return cifar10_inputs(root, "test", indices)
-    if dataset == "imagefolder":
-        return imagefolder_inputs(root, indices)
-    return tensor_file_inputs(root, indices)
 
 
 def train_study_model(study: Study, progress: Callable[[int, float], None] | None = None) -> nn.Module:

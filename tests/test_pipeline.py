@@ -13,6 +13,7 @@ import torch
 from _realdata_formats import write_cifar10
 from PIL import Image
 
+from approxtune import data as data_mod
 from approxtune import pipeline
 from approxtune.approximation import compressible_layers
 from approxtune.cli import main
@@ -86,8 +87,8 @@ def test_cifar10_search_and_report_come_from_the_test_batch(tmp_path: Path, monk
         _study(tmp_path / "c.toml", "cifar10", tmp_path / "data", split_seed=3, search_inputs=7, report_inputs=5)
     )
     asked = []
-    reader = pipeline.cifar10_inputs
-    monkeypatch.setattr(pipeline, "cifar10_inputs", lambda *a, **k: asked.append((a, k)) or reader(*a, **k))
+    reader = data_mod.cifar10_inputs
+    monkeypatch.setattr(data_mod, "cifar10_inputs", lambda *a, **k: asked.append((a, k)) or reader(*a, **k))
     report, search = pipeline.load_inputs(study, "report"), pipeline.load_inputs(study, "search")
     order = np.random.default_rng(3).permutation(40)
     assert report.index.tolist() == sorted(order[:5].tolist())
