@@ -54,8 +54,10 @@ __all__ = [
     "BaseCache",
     "CacheError",
     "CacheMeta",
+    "CertifySettings",
     "ShardResult",
     "build_base_cache",
+    "cache_meta",
     "certify_shard",
     "chunk_ranges",
     "load_cache",
@@ -247,16 +249,28 @@ class ShardResult:
         return self.chunks_done == self.chunks_total
 
 
-def _meta(
-    model: nn.Module, inputs: Inputs, sigma: float, n0: int, n: int, alpha: float, seed: int, block_size: int
-) -> CacheMeta:
+@dataclass(frozen=True)
+class CertifySettings:
+    """What a base certification runs with: noise level, selection and estimation samples, level, run seed, noise
+    block size.  With the model and the inputs it determines the cache byte for byte (:func:`cache_meta`)."""
+
+    sigma: float
+    n0: int
+    n: int
+    alpha: float
+    seed: int
+    block_size: int = DEFAULT_BLOCK_SIZE
+
+
+def cache_meta(model: nn.Module, inputs: Inputs, settings: CertifySettings) -> CacheMeta:
+    """The metadata of the cache that ``settings`` give for ``model`` on ``inputs``."""
     return CacheMeta(
-        sigma=float(sigma),
-        n0=int(n0),
-        n=int(n),
-        alpha=float(alpha),
-        seed=int(seed),
-        block_size=int(block_size),
+        sigma=float(settings.sigma),
+        n0=int(settings.n0),
+        n=int(settings.n),
+        alpha=float(settings.alpha),
+        seed=int(settings.seed),
+        block_size=int(settings.block_size),
         num_inputs=len(inputs),
         model_fingerprint=model_fingerprint(model),
         inputs_fingerprint=inputs.fingerprint(),
@@ -375,13 +389,8 @@ def build_base_cache(
     model: nn.Module,
     inputs: Inputs,
     path: str | Path,
+    settings: CertifySettings,
     *,
-    sigma: float,
-    n0: int,
-    n: int,
-    alpha: float,
-    seed: int,
-    block_size: int = DEFAULT_BLOCK_SIZE,
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: torch.device | str | None = None,
     progress: Callable[[int], None] | None = None,
@@ -394,10 +403,11 @@ def build_base_cache(
     (reused chunks included).  Returns the loaded cache.
     """
     path = Path(path)
-    meta = _meta(model, inputs, sigma, n0, n, alpha, seed, block_size)
+    meta = cache_meta(model, inputs, settings)
+    n0, n = settings.n0, settings.n
     partial = _partial_dir(path)
     _prepare_partial(partial, meta, discard_foreign=True)
-    seeds = input_seeds(seed, inputs.index)
+    seeds = input_seeds(settings.seed, inputs.index)
     parts = []
     for lo, hi in chunk_ranges(len(inputs), n0 + n):
         file = _chunk_file(partial, lo, hi)
@@ -418,13 +428,8 @@ def certify_shard(
     inputs: Inputs,
     path: str | Path,
     shard: tuple[int, int],
+    settings: CertifySettings,
     *,
-    sigma: float,
-    n0: int,
-    n: int,
-    alpha: float,
-    seed: int,
-    block_size: int = DEFAULT_BLOCK_SIZE,
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: torch.device | str | None = None,
     progress: Callable[[int], None] | None = None,
@@ -439,10 +444,11 @@ def certify_shard(
     if k < 1 or not 0 <= i < k:
         raise ValueError(f"shard {i}/{k}: need 0 <= i < k")
     path = Path(path)
-    meta = _meta(model, inputs, sigma, n0, n, alpha, seed, block_size)
+    meta = cache_meta(model, inputs, settings)
+    n0, n = settings.n0, settings.n
     partial = _partial_dir(path)
     _prepare_partial(partial, meta, discard_foreign=False)
-    seeds = input_seeds(seed, inputs.index)
+    seeds = input_seeds(settings.seed, inputs.index)
     chunks = chunk_ranges(len(inputs), n0 + n)
     result = ShardResult(shard=(i, k), chunks_total=len(chunks), partial=partial)
     for lo, hi in chunks[i::k]:
@@ -472,13 +478,8 @@ def merge_base_cache(
     model: nn.Module,
     inputs: Inputs,
     path: str | Path,
+    settings: CertifySettings,
     *,
-    sigma: float,
-    n0: int,
-    n: int,
-    alpha: float,
-    seed: int,
-    block_size: int = DEFAULT_BLOCK_SIZE,
     device: torch.device | str | None = None,
 ) -> BaseCache:
     """Merge the chunks that :func:`certify_shard` wrote into ``<path>.partial/`` into the cache at ``path``.
@@ -489,7 +490,8 @@ def merge_base_cache(
     another approxtune version), or missing chunks (a shard that has not finished).
     """
     path = Path(path)
-    meta = _meta(model, inputs, sigma, n0, n, alpha, seed, block_size)
+    meta = cache_meta(model, inputs, settings)
+    n0, n = settings.n0, settings.n
     partial = _partial_dir(path)
     if not partial.is_dir():
         raise CacheError(
@@ -523,7 +525,7 @@ def merge_base_cache(
             "finished (shard I/K certifies chunks I, I+K, I+2K, ...); run the missing shards, then merge"
         )
     parts = [_read_chunk(found[c], meta, *c) for c in chunks]
-    return _write_cache(model, inputs, path, meta, parts, input_seeds(seed, inputs.index), device)
+    return _write_cache(model, inputs, path, meta, parts, input_seeds(settings.seed, inputs.index), device)
 
 
 def _write_cache(

@@ -119,7 +119,7 @@ def _certify_split(study: Study, args: argparse.Namespace, device: torch.device)
     path = study.cache_path(args.split)
     expected = pipeline.expected_meta(study, model, inputs, args.split)
     c = study.certify
-    settings = dict(sigma=c.sigma, n0=c.n0, n=c.n, alpha=c.alpha, seed=expected.seed, block_size=expected.block_size)
+    settings = pipeline.certify_settings(study, args.split)
     existing = _matching_cache(path, expected)
     if existing is not None:
         console.print(f"The base cache {path} is already complete.")
@@ -127,7 +127,7 @@ def _certify_split(study: Study, args: argparse.Namespace, device: torch.device)
             _print_certification(existing, clean_accuracy(model, inputs, device), args.split)
         return
     if args.merge:
-        cache = cache_mod.merge_base_cache(model, inputs, path, device=device, **settings)
+        cache = cache_mod.merge_base_cache(model, inputs, path, settings, device=device)
         console.print(f"Merged the shards into the base cache {path}")
         _print_certification(cache, clean_accuracy(model, inputs, device), args.split)
         return
@@ -136,7 +136,7 @@ def _certify_split(study: Study, args: argparse.Namespace, device: torch.device)
     mine = sum(hi - lo for lo, hi in chunks[i::k])
     with progress_bar(f"certify shard {i}/{k}: {mine} of {len(inputs)} inputs", mine * (c.n0 + c.n)) as advance:
         result = cache_mod.certify_shard(
-            model, inputs, path, shard, batch_size=c.batch_size, device=device, progress=advance, **settings
+            model, inputs, path, shard, settings, batch_size=c.batch_size, device=device, progress=advance
         )
     out.print(
         f"Shard {i}/{k}: certified {len(result.certified)} chunks, reused {len(result.reused)}; "

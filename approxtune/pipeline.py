@@ -13,11 +13,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from approxtune.cache import BaseCache, CacheError, CacheMeta, build_base_cache, load_cache, model_fingerprint
+from approxtune.cache import (
+    BaseCache,
+    CacheError,
+    CacheMeta,
+    CertifySettings,
+    build_base_cache,
+    cache_meta,
+    load_cache,
+)
 from approxtune.config import Study
 from approxtune.data import DataError, Inputs, dataset_size, digits_splits, read_inputs
 from approxtune.models import CheckpointError, load_checkpoint, save_checkpoint
-from approxtune.noise import DEFAULT_BLOCK_SIZE
 from approxtune.training import train_model
 
 __all__ = ["TRAINABLE", "ensure_cache", "ensure_model", "load_inputs", "resolve_device", "split_indices"]
@@ -136,20 +143,15 @@ def ensure_model(study: Study, progress: Callable[[int, float], None] | None = N
     return load_checkpoint(study.checkpoint, arch)
 
 
+def certify_settings(study: Study, split: str) -> CertifySettings:
+    """The base certification of ``split`` that the study asks for."""
+    c = study.certify
+    return CertifySettings(sigma=c.sigma, n0=c.n0, n=c.n, alpha=c.alpha, seed=noise_seed(study, split))
+
+
 def expected_meta(study: Study, model: nn.Module, inputs: Inputs, split: str) -> CacheMeta:
     """The metadata a base cache of ``split`` must have to belong to this study."""
-    c = study.certify
-    return CacheMeta(
-        sigma=c.sigma,
-        n0=c.n0,
-        n=c.n,
-        alpha=c.alpha,
-        seed=noise_seed(study, split),
-        block_size=DEFAULT_BLOCK_SIZE,
-        num_inputs=len(inputs),
-        model_fingerprint=model_fingerprint(model),
-        inputs_fingerprint=inputs.fingerprint(),
-    )
+    return cache_meta(model, inputs, certify_settings(study, split))
 
 
 def noise_seed(study: Study, split: str) -> int:
@@ -181,19 +183,8 @@ def ensure_cache(
         except CacheError as exc:
             if on_rebuild is not None:
                 on_rebuild(str(exc))
-    c = study.certify
+    settings = certify_settings(study, split)
     cache = build_base_cache(
-        model,
-        inputs,
-        path,
-        sigma=c.sigma,
-        n0=c.n0,
-        n=c.n,
-        alpha=c.alpha,
-        seed=expected.seed,
-        block_size=expected.block_size,
-        batch_size=c.batch_size,
-        device=device,
-        progress=progress,
+        model, inputs, path, settings, batch_size=study.certify.batch_size, device=device, progress=progress
     )
     return cache, True

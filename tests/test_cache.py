@@ -1,5 +1,6 @@
 """The base-certification cache: format, atomic and resumable writing, mismatch detection."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,12 +17,12 @@ import torch
 from torch import nn
 
 from approxtune import cache as cache_mod
-from approxtune.cache import CacheError, build_base_cache, load_cache, model_fingerprint
+from approxtune.cache import CacheError, CertifySettings, build_base_cache, load_cache, model_fingerprint
 from approxtune.certification import certify
 from approxtune.data import Inputs
 from approxtune.noise import input_seeds
 
-SETTINGS = {"sigma": 0.5, "n0": 16, "n": 300, "alpha": 0.001, "seed": 3}
+SETTINGS = CertifySettings(sigma=0.5, n0=16, n=300, alpha=0.001, seed=3)
 
 
 def make_inputs(count=10, offset=0):
@@ -42,9 +43,9 @@ def dir_bytes(path: Path) -> dict[str, bytes]:
 
 def test_cache_contents_match_certify(tmp_path):
     model, inputs = make_model(), make_inputs()
-    cache = build_base_cache(model, inputs, tmp_path / "c", **SETTINGS)
-    seeds = input_seeds(SETTINGS["seed"], inputs.index)
-    args = (SETTINGS["sigma"], SETTINGS["n0"], SETTINGS["n"], SETTINGS["alpha"])
+    cache = build_base_cache(model, inputs, tmp_path / "c", SETTINGS)
+    seeds = input_seeds(SETTINGS.seed, inputs.index)
+    args = (SETTINGS.sigma, SETTINGS.n0, SETTINGS.n, SETTINGS.alpha)
     direct = certify(model, inputs.x, seeds, *args)
     assert np.array_equal(cache.c_hat, direct.c_hat)
     assert np.array_equal(cache.count, direct.count)
@@ -61,7 +62,7 @@ def test_cache_contents_match_certify(tmp_path):
 
 
 def test_no_pickle_in_the_format(tmp_path):
-    build_base_cache(make_model(), make_inputs(), tmp_path / "c", **SETTINGS)
+    build_base_cache(make_model(), make_inputs(), tmp_path / "c", SETTINGS)
     for file in (tmp_path / "c").glob("*.npy"):
         np.load(file, allow_pickle=False)  # raises if any array needed pickle
 
@@ -69,7 +70,7 @@ def test_no_pickle_in_the_format(tmp_path):
 def test_interrupted_build_resumes_to_identical_bytes(tmp_path, monkeypatch):
     monkeypatch.setattr(cache_mod, "CHUNK_SAMPLES", 3 * 316)  # three inputs per chunk
     model, inputs = make_model(), make_inputs(10)
-    build_base_cache(model, inputs, tmp_path / "ref", **SETTINGS)
+    build_base_cache(model, inputs, tmp_path / "ref", SETTINGS)
 
     calls = []
 
@@ -79,14 +80,14 @@ def test_interrupted_build_resumes_to_identical_bytes(tmp_path, monkeypatch):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        build_base_cache(model, inputs, tmp_path / "c", progress=explode, **SETTINGS)
+        build_base_cache(model, inputs, tmp_path / "c", SETTINGS, progress=explode)
     chunks = sorted((tmp_path / "c.partial").glob("chunk-*.npz"))
     assert 1 <= len(chunks) < 4, "some but not all chunks were finished"
     assert not (tmp_path / "c").exists(), "no half-written cache is visible"
 
     evaluated = []
     model.register_forward_hook(lambda module, args, output: evaluated.append(len(args[0])))
-    build_base_cache(model, inputs, tmp_path / "c", **SETTINGS)
+    build_base_cache(model, inputs, tmp_path / "c", SETTINGS)
     assert dir_bytes(tmp_path / "c") == dir_bytes(tmp_path / "ref")
     finished_inputs = 3 * len(chunks)
     assert sum(evaluated) - 1 == (10 - finished_inputs) * 316, "finished chunks are reused, not recomputed"
@@ -95,11 +96,11 @@ def test_interrupted_build_resumes_to_identical_bytes(tmp_path, monkeypatch):
 def test_partial_chunks_of_other_settings_are_discarded(tmp_path, monkeypatch):
     monkeypatch.setattr(cache_mod, "CHUNK_SAMPLES", 3 * 316)
     model, inputs = make_model(), make_inputs(10)
-    other = {**SETTINGS, "sigma": 0.25}
+    other = dataclasses.replace(SETTINGS, sigma=0.25)
     with pytest.raises(KeyboardInterrupt):
-        build_base_cache(model, inputs, tmp_path / "c", progress=_raise_after(5), **other)
-    build_base_cache(model, inputs, tmp_path / "c", **SETTINGS)
-    build_base_cache(model, inputs, tmp_path / "ref", **SETTINGS)
+        build_base_cache(model, inputs, tmp_path / "c", other, progress=_raise_after(5))
+    build_base_cache(model, inputs, tmp_path / "c", SETTINGS)
+    build_base_cache(model, inputs, tmp_path / "ref", SETTINGS)
     assert dir_bytes(tmp_path / "c") == dir_bytes(tmp_path / "ref")
 
 
@@ -116,7 +117,7 @@ def _raise_after(k):
 
 def test_mismatch_names_what_differs(tmp_path):
     model, inputs = make_model(), make_inputs()
-    cache = build_base_cache(model, inputs, tmp_path / "c", **SETTINGS)
+    cache = build_base_cache(model, inputs, tmp_path / "c", SETTINGS)
     other_model = cache_mod.CacheMeta(**{**cache.meta.__dict__, "model_fingerprint": model_fingerprint(make_model(1))})
     with pytest.raises(CacheError, match="the model"):
         cache.check(other_model)
@@ -131,7 +132,7 @@ def test_mismatch_names_what_differs(tmp_path):
 def test_load_errors(tmp_path):
     with pytest.raises(CacheError, match="no base cache"):
         load_cache(tmp_path / "missing")
-    build_base_cache(make_model(), make_inputs(), tmp_path / "c", **SETTINGS)
+    build_base_cache(make_model(), make_inputs(), tmp_path / "c", SETTINGS)
     os.remove(tmp_path / "c" / "p_a.npy")
     with pytest.raises(CacheError, match=r"p_a\.npy is missing"):
         load_cache(tmp_path / "c")
@@ -139,8 +140,8 @@ def test_load_errors(tmp_path):
 
 def test_rebuild_replaces_an_existing_cache(tmp_path):
     inputs = make_inputs()
-    build_base_cache(make_model(0), inputs, tmp_path / "c", **SETTINGS)
-    second = build_base_cache(make_model(1), inputs, tmp_path / "c", **SETTINGS)
+    build_base_cache(make_model(0), inputs, tmp_path / "c", SETTINGS)
+    second = build_base_cache(make_model(1), inputs, tmp_path / "c", SETTINGS)
     assert load_cache(tmp_path / "c").meta == second.meta
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
 
@@ -149,7 +150,7 @@ SCRIPT = textwrap.dedent(
     """
     import sys, numpy as np, torch
     from torch import nn
-    from approxtune.cache import build_base_cache
+    from approxtune.cache import CertifySettings, build_base_cache
     from approxtune.data import Inputs
     import approxtune.cache as c
     c.CHUNK_SAMPLES = 2 * 2064
@@ -157,7 +158,7 @@ SCRIPT = textwrap.dedent(
     x = torch.rand(40, 1, 4, 4, generator=g); y = torch.randint(0, 3, (40,), generator=g)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
-    build_base_cache(model, Inputs(x, y, np.arange(40)), sys.argv[1], sigma=0.5, n0=64, n=2000, alpha=0.001, seed=1)
+    build_base_cache(model, Inputs(x, y, np.arange(40)), sys.argv[1], CertifySettings(0.5, 64, 2000, 0.001, 1))
     """
 )
 
@@ -185,19 +186,19 @@ def test_sigkill_at_a_random_moment_then_resume(tmp_path):
 
 
 def _shard_all(model, inputs, path, k, settings=SETTINGS):
-    return [cache_mod.certify_shard(model, inputs, path, (i, k), **settings) for i in range(k)]
+    return [cache_mod.certify_shard(model, inputs, path, (i, k), settings) for i in range(k)]
 
 
 def test_shards_merge_to_the_bytes_of_one_process(tmp_path, monkeypatch):
     monkeypatch.setattr(cache_mod, "CHUNK_SAMPLES", 3 * 316)  # three inputs per chunk: 4 chunks
     model, inputs = make_model(), make_inputs(10)
-    build_base_cache(model, inputs, tmp_path / "ref", **SETTINGS)
+    build_base_cache(model, inputs, tmp_path / "ref", SETTINGS)
     results = _shard_all(model, inputs, tmp_path / "c", 3)
     assert [len(r.certified) for r in results] == [2, 1, 1], "shard i takes chunks i, i+k, ..."
     assert results[-1].complete and not (tmp_path / "c").exists()
-    again = cache_mod.certify_shard(model, inputs, tmp_path / "c", (0, 3), **SETTINGS)
+    again = cache_mod.certify_shard(model, inputs, tmp_path / "c", (0, 3), SETTINGS)
     assert again.certified == [] and len(again.reused) == 2, "a shard run twice reuses its chunks"
-    merged = cache_mod.merge_base_cache(model, inputs, tmp_path / "c", **SETTINGS)
+    merged = cache_mod.merge_base_cache(model, inputs, tmp_path / "c", SETTINGS)
     assert dir_bytes(tmp_path / "c") == dir_bytes(tmp_path / "ref")
     assert merged.meta == load_cache(tmp_path / "ref").meta and not (tmp_path / "c.partial").exists()
 
@@ -205,11 +206,11 @@ def test_shards_merge_to_the_bytes_of_one_process(tmp_path, monkeypatch):
 def test_a_one_process_build_finishes_what_shards_started(tmp_path, monkeypatch):
     monkeypatch.setattr(cache_mod, "CHUNK_SAMPLES", 3 * 316)
     model, inputs = make_model(), make_inputs(10)
-    build_base_cache(model, inputs, tmp_path / "ref", **SETTINGS)
-    cache_mod.certify_shard(model, inputs, tmp_path / "c", (1, 2), **SETTINGS)
+    build_base_cache(model, inputs, tmp_path / "ref", SETTINGS)
+    cache_mod.certify_shard(model, inputs, tmp_path / "c", (1, 2), SETTINGS)
     evaluated = []
     model.register_forward_hook(lambda module, args, output: evaluated.append(len(args[0])))
-    build_base_cache(model, inputs, tmp_path / "c", **SETTINGS)
+    build_base_cache(model, inputs, tmp_path / "c", SETTINGS)
     assert sum(evaluated) - 1 == 6 * 316, "only shard 0's chunks (inputs 0-2 and 6-8) were certified"
     assert dir_bytes(tmp_path / "c") == dir_bytes(tmp_path / "ref")
 
@@ -219,53 +220,53 @@ def test_merge_refuses_parts_that_do_not_belong_together(tmp_path, monkeypatch):
     model, inputs = make_model(), make_inputs(10)
     partial = tmp_path / "c.partial"
     with pytest.raises(CacheError, match="no shard parts"):
-        cache_mod.merge_base_cache(model, inputs, tmp_path / "c", **SETTINGS)
+        cache_mod.merge_base_cache(model, inputs, tmp_path / "c", SETTINGS)
 
-    cache_mod.certify_shard(model, inputs, tmp_path / "c", (0, 2), **SETTINGS)
+    cache_mod.certify_shard(model, inputs, tmp_path / "c", (0, 2), SETTINGS)
     with pytest.raises(CacheError, match=r"misses chunks 1 \(inputs 3-5\), 3 \(inputs 9-9\) of 4"):
-        cache_mod.merge_base_cache(model, inputs, tmp_path / "c", **SETTINGS)
+        cache_mod.merge_base_cache(model, inputs, tmp_path / "c", SETTINGS)
 
     # Shard 1 of another sigma, certified elsewhere and copied in: the chunk says which settings it has.
-    other = {**SETTINGS, "sigma": 0.25}
-    cache_mod.certify_shard(model, inputs, tmp_path / "d", (1, 2), **other)
+    other = dataclasses.replace(SETTINGS, sigma=0.25)
+    cache_mod.certify_shard(model, inputs, tmp_path / "d", (1, 2), other)
     for chunk in (tmp_path / "d.partial").glob("chunk-*.npz"):
         shutil.copy(chunk, partial / chunk.name)
     with pytest.raises(CacheError, match=r"part chunk-000000003-000000006\.npz was certified with other settings"):
-        cache_mod.merge_base_cache(model, inputs, tmp_path / "c", **SETTINGS)
+        cache_mod.merge_base_cache(model, inputs, tmp_path / "c", SETTINGS)
     with pytest.raises(CacheError, match=r"sigma: part has 0\.25, requested 0\.5"):
-        cache_mod.merge_base_cache(model, inputs, tmp_path / "c", **SETTINGS)
+        cache_mod.merge_base_cache(model, inputs, tmp_path / "c", SETTINGS)
     # ... and the whole directory belongs to sigma 0.5: a shard of other settings refuses it and deletes nothing.
     refused = r"holds parts of another base certification:\s+sigma: the parts have 0\.5, requested 0\.25"
     with pytest.raises(CacheError, match=refused):
-        cache_mod.certify_shard(model, inputs, tmp_path / "c", (1, 2), **other)
+        cache_mod.certify_shard(model, inputs, tmp_path / "c", (1, 2), other)
     with pytest.raises(CacheError, match="belong to another base certification"):
-        cache_mod.merge_base_cache(model, inputs, tmp_path / "c", **other)
+        cache_mod.merge_base_cache(model, inputs, tmp_path / "c", other)
     assert len(list(partial.glob("chunk-*.npz"))) == 4
 
     # Parts cut with another chunk size overlap this run's chunks instead of lining up with them.
     for chunk in partial.glob("chunk-*.npz"):
         chunk.unlink()
-    cache_mod.certify_shard(model, inputs, tmp_path / "c", (0, 2), **SETTINGS)
+    cache_mod.certify_shard(model, inputs, tmp_path / "c", (0, 2), SETTINGS)
     monkeypatch.setattr(cache_mod, "CHUNK_SAMPLES", 4 * 316)
-    cache_mod.certify_shard(model, inputs, tmp_path / "c", (1, 2), **SETTINGS)
+    cache_mod.certify_shard(model, inputs, tmp_path / "c", (1, 2), SETTINGS)
     monkeypatch.setattr(cache_mod, "CHUNK_SAMPLES", 3 * 316)
     with pytest.raises(CacheError, match=r"overlap this run's chunks.*chunk-000000004-000000008\.npz"):
-        cache_mod.merge_base_cache(model, inputs, tmp_path / "c", **SETTINGS)
+        cache_mod.merge_base_cache(model, inputs, tmp_path / "c", SETTINGS)
     assert not (tmp_path / "c").exists(), "a refused merge writes nothing"
 
 
 def test_chunks_without_recorded_settings_are_recertified_or_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(cache_mod, "CHUNK_SAMPLES", 3 * 316)
     model, inputs = make_model(), make_inputs(10)
-    build_base_cache(model, inputs, tmp_path / "ref", **SETTINGS)
+    build_base_cache(model, inputs, tmp_path / "ref", SETTINGS)
     _shard_all(model, inputs, tmp_path / "c", 2)
     old = tmp_path / "c.partial" / "chunk-000000000-000000003.npz"
     with np.load(old) as data:
         arrays = {k: data[k] for k in data.files if k != "meta"}
     np.savez(old, **arrays)  # as approxtune wrote chunks before shards existed
     with pytest.raises(CacheError, match="records no settings"):
-        cache_mod.merge_base_cache(model, inputs, tmp_path / "c", **SETTINGS)
-    build_base_cache(model, inputs, tmp_path / "c", **SETTINGS)
+        cache_mod.merge_base_cache(model, inputs, tmp_path / "c", SETTINGS)
+    build_base_cache(model, inputs, tmp_path / "c", SETTINGS)
     assert dir_bytes(tmp_path / "c") == dir_bytes(tmp_path / "ref")
 
 

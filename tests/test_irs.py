@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from approxtune.cache import build_base_cache
+from approxtune.cache import CertifySettings, build_base_cache
 from approxtune.data import Inputs
 from approxtune.irs import IRSRun, IRSSettings, Mode, certify_irs, estimate_zeta, replay
 from approxtune.statistics import lower_confidence_bound, radius, upper_confidence_bound
@@ -25,9 +25,8 @@ def base(tmp_path_factory):
         y = model(x).argmax(1)
     y[:5] = (y[:5] + 1) % 3  # five inputs whose label g gets wrong
     inputs = Inputs(x, y, np.arange(30))
-    cache = build_base_cache(
-        model, inputs, tmp_path_factory.mktemp("irs") / "c", sigma=SIGMA, n0=32, n=N, alpha=ALPHA, seed=0
-    )
+    settings = CertifySettings(sigma=SIGMA, n0=32, n=N, alpha=ALPHA, seed=0)
+    cache = build_base_cache(model, inputs, tmp_path_factory.mktemp("irs") / "c", settings)
     return model, inputs, cache
 
 

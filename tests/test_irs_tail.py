@@ -38,7 +38,7 @@ from test_soundness import (
 from torch import nn
 
 import approxtune.irs as irs
-from approxtune.cache import build_base_cache
+from approxtune.cache import CertifySettings, build_base_cache
 from approxtune.data import Inputs
 from approxtune.irs import IRSSettings, Mode, allocate_samples, certify_irs, plausible_radii, tail_frequency
 from approxtune.statistics import lower_confidence_bound, radius, upper_confidence_bound
@@ -113,9 +113,8 @@ def small(tmp_path_factory):
         y = model(x).argmax(1)
     y[:5] = (y[:5] + 1) % 3
     inputs = Inputs(x, y, np.arange(30))
-    cache = build_base_cache(
-        model, inputs, tmp_path_factory.mktemp("tail") / "c", sigma=SIG, n0=32, n=N, alpha=ALPHA, seed=0
-    )
+    settings = CertifySettings(sigma=SIG, n0=32, n=N, alpha=ALPHA, seed=0)
+    cache = build_base_cache(model, inputs, tmp_path_factory.mktemp("tail") / "c", settings)
     approx = copy.deepcopy(model)
     with torch.no_grad():
         approx[1].weight.add_(0.3 * torch.randn(approx[1].weight.shape, generator=torch.Generator().manual_seed(5)))
@@ -268,9 +267,8 @@ def engine(tmp_path_factory):
     fp = _fp(f, x, weight, p_p, zeta)
     truth = truth_of(f, fp, x)
     inputs = Inputs(x_img.expand(REPS, *SHAPE).clone(), torch.ones(REPS, dtype=torch.int64), np.arange(REPS))
-    cache = build_base_cache(
-        f, inputs, tmp_path_factory.mktemp("tail-sound") / "c", sigma=SIGMA, n0=16, n=N_ENGINE, alpha=ALPHA_E, seed=3
-    )
+    settings = CertifySettings(sigma=SIGMA, n0=16, n=N_ENGINE, alpha=ALPHA_E, seed=3)
+    cache = build_base_cache(f, inputs, tmp_path_factory.mktemp("tail-sound") / "c", settings)
     print(f"truth: P(f=1) {truth.p_f:.5f}, P(f^p=1) {truth.p_p:.5f}, P(f != f^p) {truth.zeta:.5f}")
     return f, fp, truth, inputs, cache
 

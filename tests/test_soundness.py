@@ -37,7 +37,7 @@ from scipy.optimize import brentq
 from scipy.stats import binom, multivariate_normal, norm
 from torch import nn
 
-from approxtune.cache import BaseCache, build_base_cache
+from approxtune.cache import BaseCache, CertifySettings, build_base_cache
 from approxtune.data import Inputs
 from approxtune.irs import IRSResult, IRSSettings, certify_irs, estimate_zeta, replay
 from approxtune.statistics import lower_confidence_bound, radius, upper_confidence_bound
@@ -392,9 +392,8 @@ def _engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
         y=torch.ones(ENGINE_REPS, dtype=torch.int64),
         index=np.arange(ENGINE_REPS, dtype=np.int64),
     )
-    cache = build_base_cache(
-        f, inputs, tmp_path_factory.mktemp("soundness") / "cache", sigma=SIGMA, n0=N0, n=N, alpha=ALPHA, seed=RUN_SEED
-    )
+    settings = CertifySettings(sigma=SIGMA, n0=N0, n=N, alpha=ALPHA, seed=RUN_SEED)
+    cache = build_base_cache(f, inputs, tmp_path_factory.mktemp("soundness") / "cache", settings)
     rows = np.arange(ENGINE_REPS)
     preds_p = replay(fp, inputs.x, cache, rows, N_P)
     disagreements = (preds_p != np.asarray(cache.predictions[:, :N_P])).sum(axis=1)
