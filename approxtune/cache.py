@@ -385,6 +385,34 @@ def _certify_chunk(
     os.replace(tmp, file)  # atomic: a reader sees the whole chunk or none; a second writer writes the same bytes
 
 
+def _reuse_or_certify(
+    model: nn.Module,
+    inputs: Inputs,
+    seeds: np.ndarray,
+    lo: int,
+    hi: int,
+    partial: Path,
+    meta: CacheMeta,
+    batch_size: int,
+    device: torch.device | str | None,
+    progress: Callable[[int], None] | None,
+) -> dict[str, np.ndarray] | None:
+    """Chunk ``[lo, hi)``: its arrays when ``partial`` holds it finished with these settings (its samples counted as
+    progress), else None after certifying it into ``partial`` now."""
+    file = _chunk_file(partial, lo, hi)
+    if file.is_file():
+        try:
+            part = _read_chunk(file, meta, lo, hi)
+        except CacheError:
+            pass  # a chunk of an older approxtune or of other settings: certify it again
+        else:
+            if progress is not None:
+                progress((hi - lo) * (meta.n0 + meta.n))
+            return part
+    _certify_chunk(model, inputs, seeds, lo, hi, file, meta, batch_size, device, progress)
+    return None
+
+
 def build_base_cache(
     model: nn.Module,
     inputs: Inputs,
@@ -404,22 +432,13 @@ def build_base_cache(
     """
     path = Path(path)
     meta = cache_meta(model, inputs, settings)
-    n0, n = settings.n0, settings.n
     partial = _partial_dir(path)
     _prepare_partial(partial, meta, discard_foreign=True)
     seeds = input_seeds(settings.seed, inputs.index)
     parts = []
-    for lo, hi in chunk_ranges(len(inputs), n0 + n):
-        file = _chunk_file(partial, lo, hi)
-        try:
-            parts.append(_read_chunk(file, meta, lo, hi) if file.is_file() else None)
-        except CacheError:
-            parts.append(None)  # a chunk of an older approxtune or of other settings: certify it again
-        if parts[-1] is None:
-            _certify_chunk(model, inputs, seeds, lo, hi, file, meta, batch_size, device, progress)
-            parts[-1] = _read_chunk(file, meta, lo, hi)
-        elif progress is not None:
-            progress((hi - lo) * (n0 + n))
+    for lo, hi in chunk_ranges(len(inputs), meta.n0 + meta.n):
+        part = _reuse_or_certify(model, inputs, seeds, lo, hi, partial, meta, batch_size, device, progress)
+        parts.append(part if part is not None else _read_chunk(_chunk_file(partial, lo, hi), meta, lo, hi))
     return _write_cache(model, inputs, path, meta, parts, seeds, device)
 
 
@@ -445,25 +464,14 @@ def certify_shard(
         raise ValueError(f"shard {i}/{k}: need 0 <= i < k")
     path = Path(path)
     meta = cache_meta(model, inputs, settings)
-    n0, n = settings.n0, settings.n
     partial = _partial_dir(path)
     _prepare_partial(partial, meta, discard_foreign=False)
     seeds = input_seeds(settings.seed, inputs.index)
-    chunks = chunk_ranges(len(inputs), n0 + n)
+    chunks = chunk_ranges(len(inputs), meta.n0 + meta.n)
     result = ShardResult(shard=(i, k), chunks_total=len(chunks), partial=partial)
     for lo, hi in chunks[i::k]:
-        file = _chunk_file(partial, lo, hi)
-        try:
-            if file.is_file():
-                _read_chunk(file, meta, lo, hi)
-                result.reused.append((lo, hi))
-                if progress is not None:
-                    progress((hi - lo) * (n0 + n))
-                continue
-        except CacheError:
-            pass  # a chunk of an older approxtune, or of other settings copied in: certify it again
-        _certify_chunk(model, inputs, seeds, lo, hi, file, meta, batch_size, device, progress)
-        result.certified.append((lo, hi))
+        part = _reuse_or_certify(model, inputs, seeds, lo, hi, partial, meta, batch_size, device, progress)
+        (result.reused if part is not None else result.certified).append((lo, hi))
     result.chunks_done = sum(_chunk_file(partial, lo, hi).is_file() for lo, hi in chunks)
     return result
 
@@ -491,7 +499,6 @@ def merge_base_cache(
     """
     path = Path(path)
     meta = cache_meta(model, inputs, settings)
-    n0, n = settings.n0, settings.n
     partial = _partial_dir(path)
     if not partial.is_dir():
         raise CacheError(
@@ -504,7 +511,7 @@ def merge_base_cache(
             f"the parts in {partial} belong to another base certification:\n  "
             + "\n  ".join(recorded.differences(meta, have="the parts have"))
         )
-    chunks = chunk_ranges(len(inputs), n0 + n)
+    chunks = chunk_ranges(len(inputs), meta.n0 + meta.n)
     found = {}
     for file in partial.iterdir():
         match = _CHUNK_NAME.match(file.name)
