@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from approxtune.approximation import PRECISIONS
-from approxtune.irs import IRSSettings, Mode
+from approxtune.irs import IRSSettings, Mode, Zeta
 from approxtune.models import ARCHITECTURES
 
 __all__ = ["ConfigError", "Study", "load_study"]
@@ -75,6 +75,8 @@ class CertifySection:
 class IRSSection:
     n_p: int = 400
     mode: str = "max"
+    zeta: str = "loss"
+    """What the zeta bound counts: "loss" (f = c_hat != f^p; never a smaller radius) or "disagreement" (the paper)."""
     alpha_zeta: float = 0.0005
     alpha_d: float = 0.0005
     gamma: float = 0.99
@@ -181,6 +183,7 @@ class Study:
             allocate=i.allocate,
             block=i.block,
             pilot=i.pilot,
+            zeta=Zeta(i.zeta),
         )
 
 
@@ -242,6 +245,7 @@ def _validate(s: Study) -> None:
     _choice("certify.device", c.device, DEVICES)
     _require(1 <= i.n_p <= c.n, f"irs.n_p must lie in [1, certify.n = {c.n}] (IRS replays cached samples), got {i.n_p}")
     _choice("irs.mode", i.mode, tuple(m.value for m in Mode))
+    _choice("irs.zeta", i.zeta, tuple(z.value for z in Zeta))
     for key in ("alpha_zeta", "alpha_d"):
         value = getattr(i, key)
         _require(0 < value < 0.5, f"irs.{key} must lie in (0, 0.5), got {value}")

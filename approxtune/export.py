@@ -651,6 +651,7 @@ def _recheck_irs(
         "n": c.n,
         "n_p": settings.n_p,
         "irs_mode": settings.mode.value,
+        "irs_zeta": settings.zeta.value,
         "gamma": settings.gamma,
     }
     if result.n_tail:
@@ -694,6 +695,7 @@ def _recheck_scratch(study: Any, model: nn.Module, inputs: Any, device: torch.de
         "n": c.n,
         "n_p": None,
         "irs_mode": None,
+        "irs_zeta": None,
         "gamma": None,
     }
     radii = np.where(c_hat == inputs.y.numpy(), r, 0.0)

@@ -3,9 +3,9 @@
 For an input whose cached certificate predicts its label (``c_hat == label``, ``p_a > 1/2``), IRS replays the first
 ``n_p`` cached estimation samples through the approximation f^p and, on those same forward passes, computes
 
-* the disagreement bound ``zeta = UpperConfidenceBound(#{f^p != f}, n_p, 1 - alpha_zeta)`` (Algorithm 3); by
-  Theorems 2-4, ``P(f^p(x + eps) = c_hat) >= p_a - zeta`` unless the base bound (level ``alpha``) or the zeta bound
-  (level ``alpha_zeta``) failed, giving the *zeta radius* ``sigma * Phi^-1(p_a - zeta)``;
+* the bound ``zeta`` on the probability that f^p loses c_hat where f had it, giving the *zeta radius*
+  ``sigma * Phi^-1(p_a - zeta)``, wrong only if the base bound (level ``alpha``) or the zeta bound (level
+  ``alpha_zeta``) failed (below);
 * the direct bound ``p_d = LowerConfidenceBound(#{f^p = c_hat}, n_p, 1 - alpha_d)`` on f^p's own counts, giving the
   *direct radius* ``sigma * Phi^-1(p_d)``, wrong only if that bound (level ``alpha_d``) failed.
 
@@ -32,6 +32,23 @@ confidence.
 Inputs where g abstained or predicted another class get radius 0 and cost no samples: no zeta can turn them into a
 certificate of the true label.
 
+What zeta counts
+----------------
+The paper (Algorithm 3, Theorems 2-4) bounds the disagreement: ``zeta = UCB(#{f^p != f}, n_p, alpha_zeta)``, an
+upper bound on ``P(f^p != f)``, and uses ``P(f^p = c_hat) >= P(f = c_hat) - P(f^p != f)``.  Only one kind of
+disagreement can lower the probability of c_hat: a *loss*, a sample on which f predicts c_hat and f^p does not.  As
+events, ``{f^p = c_hat}`` contains ``{f = c_hat}`` minus the losses ``{f = c_hat, f^p != c_hat}``, so
+
+    P(f^p = c_hat) >= P(f = c_hat) - P(f = c_hat, f^p != c_hat) >= p_a - zeta_loss,
+    zeta_loss = UCB(#{f = c_hat, f^p != c_hat}, n_p, alpha_zeta),
+
+wrong only if the base bound (A) or the loss bound (Z, a Clopper-Pearson bound on the i.i.d. loss indicators, level
+``alpha_zeta``) failed: the same events and the same confidence as the paper's zeta.  The losses are a subset of
+the disagreements on every sample, and the bound is monotone in the count, so ``zeta_loss`` is never larger and the
+zeta radius never smaller.  ``zeta = "loss"`` (default) counts losses, ``"disagreement"`` reproduces the paper.
+(Adding back the gains, f^p = c_hat where f had another class, would need a second bound and a split of
+``alpha_zeta``; measured on the default study it certifies less: benchmarks/RESULTS.md.)
+
 Tail mode: decisions from samples that f^p never sees
 ------------------------------------------------------
 The cache holds f's class on ``n`` i.i.d. estimation samples eps_1..eps_n of each input (c_hat comes from the
@@ -47,11 +64,11 @@ samples, treating f's tail frequency as f^p's expected frequency of c_hat and ze
 The budget ``n_p x (inputs evaluated)`` is split by equalising the marginal plausible radius per sample (greedy in
 blocks of ``block`` samples over the upper concave hull of each input's plausible-radius curve, capped at ``m``);
 inputs whose plausible radius is 0 at every count get none.  Optionally (``pilot``) f^p first runs on the first
-``pilot`` tail samples of each input (paid from the budget); its disagreement with f there, shrunk halfway to the
-pooled rate, gives the disagreement ``d_i`` and the drop of c_hat's frequency ``l_i`` that the plausible radii
-expect (f^p's frequency ``q_i - l_i``, zeta ``UCB(round(k d_i), k, alpha_zeta)``) -- still samples that no replay
-uses.  Each input then replays its own ``k_i <= m`` samples and reports the radius of the branch that is plausibly
-larger at ``k_i``; IRS refuses any ``n_p`` or count reaching into the tail.
+``pilot`` tail samples of each input (paid from the budget); what zeta counts there (losses or disagreements),
+shrunk halfway to the pooled rate, gives the rate ``d_i`` and the drop of c_hat's frequency ``l_i`` that the
+plausible radii expect (f^p's frequency ``q_i - l_i``, zeta ``UCB(round(k d_i), k, alpha_zeta)``) -- still samples
+that no replay uses.  Each input then replays its own ``k_i <= m`` samples and reports the radius of the branch that
+is plausibly larger at ``k_i``; IRS refuses any ``n_p`` or count reaching into the tail.
 
 Why this costs nothing. Let A = {p_a > P(f = c_hat)} (probability <= alpha), Z_k = {zeta_k < P(f^p != f)} and D_k =
 {p_d,k > P(f^p = c_hat)}, zeta_k and p_d,k computed on f^p's and f's classes on eps_1..eps_k. Let T be everything
@@ -94,6 +111,7 @@ __all__ = [
     "IRSRun",
     "IRSSettings",
     "Mode",
+    "Zeta",
     "allocate_samples",
     "certify_irs",
     "estimate_zeta",
@@ -109,9 +127,22 @@ class Mode(StrEnum):
     TAIL = "tail"
 
 
+class Zeta(StrEnum):
+    """What the zeta bound counts: losses of c_hat (``f = c_hat != f^p``) or, as in the paper, all ``f^p != f``."""
+
+    LOSS = "loss"
+    DISAGREEMENT = "disagreement"
+
+
+def zeta_count(preds_p: np.ndarray, preds_f: np.ndarray, c_hat: np.ndarray, rule: Zeta) -> np.ndarray:
+    """The per-sample indicators that ``rule``'s zeta counts, from f^p's and f's classes on the same samples."""
+    dis = preds_p != preds_f
+    return dis & (preds_f == c_hat[:, None]) if rule is Zeta.LOSS else dis
+
+
 @dataclass(frozen=True)
 class IRSSettings:
-    """``n_p`` replayed samples per input; levels of the zeta and direct bounds; branch rule.
+    """``n_p`` replayed samples per input; levels of the zeta and direct bounds; branch rule; what zeta counts.
 
     Tail mode only: ``n_tail`` cached samples at the end of each input's ``n`` are reserved for decisions and never
     replayed (default ``n // 2``); ``allocate`` spreads the budget ``n_p x (inputs evaluated)`` over the inputs
@@ -128,6 +159,7 @@ class IRSSettings:
     allocate: bool = True
     block: int = 16
     pilot: int = 0
+    zeta: Zeta = Zeta.LOSS
 
     def __post_init__(self) -> None:
         if self.n_p < 1:
@@ -144,6 +176,7 @@ class IRSSettings:
         if self.pilot < 0:
             raise ValueError(f"pilot must be non-negative, got {self.pilot}")
         object.__setattr__(self, "mode", Mode(self.mode))
+        object.__setattr__(self, "zeta", Zeta(self.zeta))
 
     def total_alpha(self, alpha: float) -> float:
         """Probability bound on a wrong IRS certificate, given the base certificate's ``alpha``.
@@ -178,8 +211,9 @@ class IRSResult:
     """Per-input IRS outcome for the cache's inputs, plus the confidence it holds at.
 
     ``radius``: certified radius counted for ACR (0 unless the cache predicts the label and a branch certifies);
-    ``evaluated``: inputs that were replayed; ``disagreements``: #{f^p != f} among the ``n_p`` replayed samples;
-    ``zeta``: upper bound on P(f^p != f) (NaN where not evaluated); ``direct_count``: #{f^p = c_hat};
+    ``evaluated``: inputs that were replayed; ``disagreements``: #{f^p != f} among the replayed samples; ``losses``:
+    #{f = c_hat != f^p} among them; ``zeta``: the zeta bound the settings chose (on the losses or the disagreements;
+    NaN where not evaluated); ``direct_count``: #{f^p = c_hat};
     ``direct_won``: the direct radius was the one reported and was positive; ``counts``: samples replayed per input
     (``n_p`` on evaluated inputs except in tail mode); ``branch_direct``: the branch chosen (True: direct) on evaluated
     inputs, whatever its radius; ``n_tail``: samples reserved for decisions (tail mode, else 0).
@@ -197,6 +231,7 @@ class IRSResult:
     branch_direct: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     n_tail: int = 0
     pilot_samples: int = 0
+    losses: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def acr(self) -> float:
@@ -258,13 +293,18 @@ def estimate_zeta(
     cache: BaseCache,
     n_p: int,
     alpha_zeta: float,
+    rule: Zeta | str = Zeta.LOSS,
     **kwargs,
 ) -> np.ndarray:
-    """Algorithm 3: ``zeta_x``, a ``1 - alpha_zeta`` upper bound on ``P(f^p(x + eps) != f(x + eps))``, every input."""
+    """``zeta_x`` of every input: a ``1 - alpha_zeta`` upper bound on what ``rule`` counts, from ``n_p`` samples.
+
+    ``"loss"``: ``P(f(x + eps) = c_hat, f^p(x + eps) != c_hat)``; ``"disagreement"`` (the paper's Algorithm 3):
+    ``P(f^p(x + eps) != f(x + eps))``.
+    """
     rows = np.arange(len(cache))
     preds = replay(model_p, x, cache, rows, n_p, **kwargs)
-    disagreements = (preds != np.asarray(cache.predictions[rows, :n_p])).sum(axis=1)
-    return upper_confidence_bound(disagreements, n_p, alpha_zeta)
+    counted = zeta_count(preds, np.asarray(cache.predictions[rows, :n_p]), cache.c_hat[rows], Zeta(rule))
+    return upper_confidence_bound(counted.sum(axis=1), n_p, alpha_zeta)
 
 
 def tail_frequency(cache: BaseCache, rows: np.ndarray, n_tail: int) -> np.ndarray:
@@ -294,7 +334,7 @@ def plausible_radii(
 
     direct: ``sigma Phi^-1(LCB(round(k q), k, alpha_d))`` (the expected count of c_hat, not the best case);
     zeta: ``sigma Phi^-1(LCB(round(n q), n, alpha) - UCB(0, k, alpha_zeta))`` (p_a as the tail predicts it, zeta at its
-    zero-disagreement floor).  With an expected disagreement rate ``d`` and an expected drop of the frequency of c_hat
+    zero-count floor).  With an expected rate ``d`` of what zeta counts and an expected drop of the frequency of c_hat
     from f to f^p ``drop`` (default ``d``; both from a pilot on tail samples), f^p's frequency of c_hat is taken as
     ``q - drop`` and zeta as ``UCB(round(k d), k, alpha_zeta)``.  Arguments broadcast; ``k >= 1``.
     """
@@ -431,9 +471,9 @@ def _tail_plan(
             **kwargs,
         )
         f_pilot = np.asarray(cache.predictions[gated, prefix : prefix + pilot])
-        dis_pilot = (preds != f_pilot).sum(axis=1)
+        counted = zeta_count(preds, f_pilot, cache.c_hat[gated], settings.zeta).sum(axis=1)
         lost = (f_pilot == cache.c_hat[gated, None]).sum(axis=1) - (preds == cache.c_hat[gated, None]).sum(axis=1)
-        d = (dis_pilot + dis_pilot.mean()) / (2 * pilot)  # each shrunk halfway to the pooled rate
+        d = (counted + counted.mean()) / (2 * pilot)  # each shrunk halfway to the pooled rate
         drop = (lost + lost.mean()) / (2 * pilot)
     budget = max(0, (settings.n_p - pilot) * len(gated))
     if settings.allocate:
@@ -497,6 +537,7 @@ class IRSRun:
         self.branch = None if self.branch is None else self.branch[keep]
         self.seen = np.zeros(len(self.rows), dtype=np.int64)
         self.disagreements = np.zeros(len(self.rows), dtype=np.int64)
+        self.losses = np.zeros(len(self.rows), dtype=np.int64)
         self.hits = np.zeros(len(self.rows), dtype=np.int64)
 
     @property
@@ -534,16 +575,23 @@ class IRSRun:
         cols = np.minimum((start - lo)[:, None] + np.arange(width)[None, :], hi - lo - 1)
         f_preds = np.take_along_axis(np.asarray(cache.predictions[rows, lo:hi]), cols, axis=1)
         used = np.arange(width)[None, :] < (stop - start)[:, None]
-        self.disagreements[active] += ((preds != f_preds) & used).sum(axis=1)
-        self.hits[active] += ((preds == cache.c_hat[rows, None]) & used).sum(axis=1)
+        c_hat = cache.c_hat[rows]
+        self.disagreements[active] += (zeta_count(preds, f_preds, c_hat, Zeta.DISAGREEMENT) & used).sum(axis=1)
+        self.losses[active] += (zeta_count(preds, f_preds, c_hat, Zeta.LOSS) & used).sum(axis=1)
+        self.hits[active] += ((preds == c_hat[:, None]) & used).sum(axis=1)
         self.seen[active] = stop
 
-    def _radii(self, disagreements: np.ndarray, hits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    @property
+    def zeta_counts(self) -> np.ndarray:
+        """What the zeta bound counts so far, per evaluated input (losses or disagreements, by the settings)."""
+        return self.losses if self.settings.zeta is Zeta.LOSS else self.disagreements
+
+    def _radii(self, zeta_counts: np.ndarray, hits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(radius, use_direct, zeta)`` of every evaluated input for the given counts on the full sample counts."""
         if not len(self.rows):
             return np.zeros(0), np.zeros(0, dtype=bool), np.zeros(0)
         sigma, s = self.cache.meta.sigma, self.settings
-        zeta = upper_confidence_bound(disagreements, self.counts, s.alpha_zeta)
+        zeta = upper_confidence_bound(zeta_counts, self.counts, s.alpha_zeta)
         r_zeta = radius(self.cache.p_a[self.rows] - zeta, sigma)
         r_direct = radius(lower_confidence_bound(hits, self.counts, s.alpha_d), sigma)
         use_direct = r_direct > r_zeta if self.branch is None else self.branch
@@ -552,17 +600,17 @@ class IRSRun:
     def upper_acr(self) -> float:
         """An upper bound on the ACR :meth:`result` will report, whatever the samples not yet replayed show.
 
-        Every radius grows with #{f^p = c_hat} and shrinks with #{f^p != f} (Clopper-Pearson bounds are monotone in
+        Every radius grows with #{f^p = c_hat} and shrinks with zeta's count (Clopper-Pearson bounds are monotone in
         the count), so the radius reached when every remaining sample agrees with f and predicts c_hat bounds it.
         """
         rest = self.counts - self.seen
-        optimistic, _, _ = self._radii(self.disagreements, self.hits + rest)
+        optimistic, _, _ = self._radii(self.zeta_counts, self.hits + rest)
         return float(optimistic.sum() / len(self.cache)) if len(self.cache) else 0.0
 
     def result(self) -> IRSResult:
         """Replay what is left and return the certificate (level ``settings.total_alpha(alpha)``)."""
         self.extend(1.0)
-        chosen, use_direct, zeta = self._radii(self.disagreements, self.hits)
+        chosen, use_direct, zeta = self._radii(self.zeta_counts, self.hits)
         s = self.settings
         out = _result(
             len(self.cache),
@@ -578,6 +626,7 @@ class IRSRun:
         )
         out.n_tail = self.n_tail
         out.pilot_samples = self.pilot_samples
+        out.losses[self.rows] = self.losses
         return out
 
 
@@ -605,6 +654,7 @@ def _result(
         alpha=alpha,
         counts=np.zeros(n, dtype=np.int64),
         branch_direct=np.zeros(n, dtype=bool),
+        losses=np.zeros(n, dtype=np.int64),
     )
     out.radius[rows] = radius
     out.evaluated[rows] = True

@@ -272,6 +272,7 @@ def study_attrs(study: Study, cache: BaseCache, base_accuracy: float, model: nn.
         "alpha_zeta": i.alpha_zeta,
         "alpha_d": i.alpha_d,
         "irs_mode": i.mode,
+        "irs_zeta": i.zeta,
         "gamma": i.gamma,
         "n_tail": i.n_tail,
         "allocate": i.allocate,
@@ -285,7 +286,20 @@ def study_attrs(study: Study, cache: BaseCache, base_accuracy: float, model: nn.
     }
 
 
-CHECKED_ATTRS = ("cache_fingerprint", "sigma", "n", "alpha", "n_p", "alpha_zeta", "alpha_d", "irs_mode", "gamma")
+CHECKED_ATTRS = (
+    "cache_fingerprint",
+    "sigma",
+    "n",
+    "alpha",
+    "n_p",
+    "alpha_zeta",
+    "alpha_d",
+    "irs_mode",
+    "irs_zeta",
+    "gamma",
+)
+RECORDED_BEFORE = {"irs_zeta": "disagreement"}
+"""What a study created before an attribute was recorded ran with (zeta counted disagreements until irs.zeta)."""
 TAIL_ATTRS = ("n_tail", "allocate", "block", "pilot")
 """Checked on resume as well when the IRS mode is "tail" (the other modes ignore them)."""
 
@@ -476,6 +490,7 @@ def _wait_for_setup(optuna_study: optuna.Study, study: Study, timeout: float) ->
 
 def _check_recorded(study: Study, recorded: dict, attrs: dict) -> None:
     keys = CHECKED_ATTRS + (TAIL_ATTRS if attrs["irs_mode"] == "tail" else ())
+    recorded = {**RECORDED_BEFORE, **recorded}
     diffs = [f"{k}: study has {recorded.get(k)!r}, now {attrs[k]!r}" for k in keys if recorded.get(k) != attrs[k]]
     if not diffs:
         return

@@ -85,8 +85,12 @@ def test_resume_adds_only_the_missing_trials_and_refuses_other_settings(tuned, c
         other = root / "other.toml"
         other.write_text(TINY.replace("n_p = 100", "n_p = 150"))
         assert main(["tune", str(other)]) == 2
+        err = capsys.readouterr().err
+        assert "n_p: study has 100, now 150" in err and "Traceback" not in err
+        other.write_text(TINY.replace("[irs]\n", "[irs]\nzeta = 'disagreement'\n"))
+        assert main(["tune", str(other)]) == 2
     err = capsys.readouterr().err
-    assert "n_p: study has 100, now 150" in err and "Traceback" not in err
+    assert "irs_zeta: study has 'loss', now 'disagreement'" in err and "Traceback" not in err
 
 
 def test_dashboard_serves_the_study(tuned):

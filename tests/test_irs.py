@@ -9,7 +9,7 @@ from torch import nn
 
 from approxtune.cache import CertifySettings, build_base_cache
 from approxtune.data import Inputs
-from approxtune.irs import IRSRun, IRSSettings, Mode, certify_irs, estimate_zeta, replay
+from approxtune.irs import IRSRun, IRSSettings, Mode, Zeta, certify_irs, estimate_zeta, replay
 from approxtune.statistics import lower_confidence_bound, radius, upper_confidence_bound
 
 N, N_P, SIGMA, ALPHA = 600, 200, 0.5, 0.001
@@ -65,23 +65,46 @@ def test_irs_of_f_itself(base):
     assert result.alpha == pytest.approx(ALPHA + 0.002)
 
 
-def test_irs_of_an_approximation_matches_the_definition(base):
+@pytest.mark.parametrize("rule", list(Zeta))
+def test_irs_of_an_approximation_matches_the_definition(base, rule):
     model, inputs, cache = base
     approx = perturbed(model, 0.3)
-    settings = IRSSettings(n_p=N_P, alpha_zeta=0.0005, alpha_d=0.0005)
+    settings = IRSSettings(n_p=N_P, alpha_zeta=0.0005, alpha_d=0.0005, zeta=rule)
     result = certify_irs(approx, inputs.x, cache, settings, batch_size=50)
     rows = np.flatnonzero(cache.certified)
     preds = replay(approx, inputs.x, cache, rows, N_P)
-    dis = (preds != cache.predictions[rows, :N_P]).sum(1)
+    f_preds = np.asarray(cache.predictions[rows, :N_P])
+    c_hat = cache.c_hat[rows, None]
+    dis = (preds != f_preds).sum(1)
+    losses = ((f_preds == c_hat) & (preds != c_hat)).sum(1)
     assert dis.sum() > 0, "the perturbation must change some predictions for this test to mean anything"
+    assert np.all(losses <= dis) and np.any(losses < dis), "some disagreements must not be losses of c_hat"
     assert np.array_equal(result.disagreements[rows], dis)
-    zeta = upper_confidence_bound(dis, N_P, 0.0005)
+    assert np.array_equal(result.losses[rows], losses)
+    zeta = upper_confidence_bound(losses if rule is Zeta.LOSS else dis, N_P, 0.0005)
     np.testing.assert_allclose(result.zeta[rows], zeta)
+    np.testing.assert_allclose(estimate_zeta(approx, inputs.x, cache, N_P, 0.0005, rule)[rows], zeta)
     r_zeta = radius(cache.p_a[rows] - zeta, SIGMA)
-    r_direct = radius(lower_confidence_bound((preds == cache.c_hat[rows, None]).sum(1), N_P, 0.0005), SIGMA)
+    r_direct = radius(lower_confidence_bound((preds == c_hat).sum(1), N_P, 0.0005), SIGMA)
     np.testing.assert_allclose(result.radius[rows], np.maximum(r_zeta, r_direct))
     np.testing.assert_array_equal(result.direct_won[rows], (r_direct > r_zeta) & (np.maximum(r_zeta, r_direct) > 0))
     assert 0 <= result.direct_share <= 1 and np.isnan(result.zeta[~cache.certified]).all()
+    assert result.alpha == pytest.approx(ALPHA + 0.001), "counting losses costs no confidence"
+
+
+def test_counting_losses_never_certifies_less(base):
+    """Losses are a subset of the disagreements on every sample: the loss zeta is never larger, no radius smaller."""
+    model, inputs, cache = base
+    approx = perturbed(model, 0.3)
+    by_rule = {
+        rule: certify_irs(approx, inputs.x, cache, IRSSettings(n_p=N_P, mode=Mode.GAMMA, gamma=1.0, zeta=rule))
+        for rule in Zeta
+    }
+    loss, paper = by_rule[Zeta.LOSS], by_rule[Zeta.DISAGREEMENT]
+    ev = loss.evaluated
+    assert np.array_equal(ev, paper.evaluated) and loss.alpha == paper.alpha
+    assert np.all(loss.zeta[ev] <= paper.zeta[ev]) and np.all(loss.radius >= paper.radius)
+    assert loss.acr > paper.acr
 
 
 def test_gamma_mode_switches_on_cached_p_a(base):
@@ -89,7 +112,7 @@ def test_gamma_mode_switches_on_cached_p_a(base):
     approx = perturbed(model, 0.3)
     rows = np.flatnonzero(cache.certified)
     gamma = float(np.median(cache.p_a[rows]))
-    settings = IRSSettings(n_p=N_P, alpha_zeta=0.001, alpha_d=0.002, mode=Mode.GAMMA, gamma=gamma)
+    settings = IRSSettings(n_p=N_P, alpha_zeta=0.001, alpha_d=0.002, mode=Mode.GAMMA, gamma=gamma, zeta="disagreement")
     result = certify_irs(approx, inputs.x, cache, settings)
     preds = replay(approx, inputs.x, cache, rows, N_P)
     zeta = upper_confidence_bound((preds != cache.predictions[rows, :N_P]).sum(1), N_P, 0.001)

@@ -140,9 +140,10 @@ def test_tail_mode_matches_its_definition_and_reports_its_level(small):
         k = int(res.counts[i])
         preds = irs.replay(approx, inputs.x, cache, np.array([i]), k)[0]
         dis = int((preds != cache.predictions[i, :k]).sum())
+        losses = int(((cache.predictions[i, :k] == cache.c_hat[i]) & (preds != cache.c_hat[i])).sum())
         hits = int((preds == cache.c_hat[i]).sum())
-        assert (res.disagreements[i], res.direct_count[i]) == (dis, hits)
-        r_z = radius(cache.p_a[i] - upper_confidence_bound(dis, k, 0.001), SIG)
+        assert (res.disagreements[i], res.losses[i], res.direct_count[i]) == (dis, losses, hits)
+        r_z = radius(cache.p_a[i] - upper_confidence_bound(losses, k, 0.001), SIG)
         r_d = radius(lower_confidence_bound(hits, k, 0.002), SIG)
         pd, pz = plausible_radii(q[gated == i], k, n=N, alpha=ALPHA, alpha_zeta=0.001, alpha_d=0.002, sigma=SIG)
         assert res.branch_direct[i] == bool(pd[0] > pz[0])
@@ -278,11 +279,17 @@ def _settings(**kw) -> IRSSettings:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["uniform", "allocated", "allocated-pilot"])
+@pytest.mark.parametrize("variant", ["uniform", "allocated", "allocated-pilot", "allocated-disagreement"])
 def test_tail_mode_radius_coverage(engine, variant):
     _, fp, truth, inputs, cache = engine
-    kw = {"uniform": {"allocate": False}, "allocated": {}, "allocated-pilot": {"pilot": 10}}[variant]
-    res = certify_irs(fp, inputs.x, cache, _settings(**kw))
+    kw = {
+        "uniform": {"allocate": False},
+        "allocated": {},
+        "allocated-pilot": {"pilot": 10},
+        "allocated-disagreement": {"zeta": "disagreement"},
+    }[variant]
+    settings = _settings(**kw)
+    res = certify_irs(fp, inputs.x, cache, settings)
     stated = res.alpha
     assert stated == pytest.approx(ALPHA_E + max(ALPHA_ZETA, ALPHA_D))
     ev = res.evaluated
@@ -298,7 +305,7 @@ def test_tail_mode_radius_coverage(engine, variant):
     p_d = lower_confidence_bound(res.direct_count[direct], res.counts[direct], ALPHA_D)
     assert_sound(coverage(f"  direct bound | direct branch ({variant})", p_d > true_pp[direct], ALPHA_D))
     zb = ev & ~res.branch_direct
-    z_wrong = res.zeta[zb] < truth.zeta
+    z_wrong = res.zeta[zb] < truth.counted(settings.zeta, cache.c_hat)[zb]
     assert_sound(coverage(f"  zeta bound | zeta branch ({variant})", z_wrong, ALPHA_ZETA))
     if variant == "uniform":
         # Every input replays exactly K samples and P(f^p = 1) sits at the direct bound's worst case at K: given the

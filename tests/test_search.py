@@ -126,3 +126,14 @@ def test_evaluate_without_race_never_stops(setup):
     with pytest.raises(search.Stopped) as stop:
         search.evaluate(model, config, inputs, cache, study, race=always)
     assert stop.value.samples == 0 and stop.value.upper[0] >= result.acr
+
+
+def test_a_study_from_before_irs_zeta_resumes_only_with_the_papers_zeta(setup):
+    """Studies created before ``irs.zeta`` existed counted disagreements: resuming them with losses is refused."""
+    study, model, _, cache, base_accuracy = setup
+    attrs = search.study_attrs(study, cache, base_accuracy, model)
+    assert attrs["irs_zeta"] == "loss"
+    recorded = {k: v for k, v in attrs.items() if k != "irs_zeta"}
+    with pytest.raises(search.StudyMismatchError, match="irs_zeta: study has 'disagreement', now 'loss'"):
+        search._check_recorded(study, recorded, attrs)
+    search._check_recorded(study, recorded, {**attrs, "irs_zeta": "disagreement"})

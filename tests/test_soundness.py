@@ -7,9 +7,10 @@ whose true probabilities are known in closed form and count how often it is wron
 * Ground truth: a binary linear classifier ``f(x) = argmax(Wx + b)``.  With ``a = w_1 - w_0`` and Gaussian noise,
   ``P(f(x + sigma eps) = 1) = Phi(h)`` with ``h = (a.x + b_1 - b_0) / (sigma |a|)``.  For a second linear classifier
   f^p (f's weights moved along their quantization error, and a lower class-1 bias, so that it is noticeably
-  worse), ``P(f != f^p)`` is a
-  bivariate-normal orthant probability with correlation ``rho = a.a_p / (|a| |a_p|)``; g^p's true radius for class c
-  is ``sigma Phi^-1(P(f^p = c))``.
+  worse), ``P(f != f^p)`` and the probability of a loss ``P(f = c, f^p != c)`` are bivariate-normal orthant
+  probabilities with correlation ``rho = a.a_p / (|a| |a_p|)``; g^p's true radius for class c is
+  ``sigma Phi^-1(P(f^p = c))``.  The engine checks run once for each thing zeta can count (``irs.Zeta``), each with
+  its own f^p whose count sits at the worst case of the zeta bound.
 * Repetitions: the engine path certifies R copies of the same x in one call (each copy gets its own noise seed from
   ``input_seeds(run_seed, index)``, so the copies are independent repetitions); the binomial path draws counts with
   numpy and tests the bound functions alone, with many more repetitions.
@@ -39,7 +40,7 @@ from torch import nn
 
 from approxtune.cache import BaseCache, CertifySettings, build_base_cache
 from approxtune.data import Inputs
-from approxtune.irs import IRSResult, IRSSettings, certify_irs, estimate_zeta, replay
+from approxtune.irs import IRSResult, IRSSettings, Zeta, certify_irs, estimate_zeta, replay
 from approxtune.statistics import lower_confidence_bound, radius, upper_confidence_bound
 
 pytestmark = pytest.mark.slow
@@ -270,7 +271,7 @@ ENGINE_REPS = 4000
 RUN_SEED = 1
 QUANT_STEP = 0.5  # grid of the rounding error that f^p's weights move along (about 2 bits for these weights)
 P_TARGET = 0.9  # P(f(x + eps) = 1), moved to a worst case of the base bound
-ZETA_TARGET = 0.05  # P(f^p != f), moved to a worst case of the zeta bound
+ZETA_TARGET = 0.05  # what zeta counts (P(f^p != f) or P(f = 1 != f^p)), moved to a worst case of the zeta bound
 EPS = 1e-5  # distance from the jumps: far above float32 rounding of the weights (~1e-8 in probability)
 
 
@@ -301,11 +302,17 @@ def disagreement(h1: float, h2: float, rho: float) -> float:
     return norm.cdf(h1) + norm.cdf(h2) - 2.0 * both_class_one(h1, h2, rho)
 
 
+def loss(h1: float, h2: float, rho: float) -> float:
+    """P(f = 1, f^p = 0) = P(f = 1) - P(both 1): the samples on which f^p loses class 1."""
+    return norm.cdf(h1) - both_class_one(h1, h2, rho)
+
+
 @dataclass
 class Truth:
     p_f: float  # P(f = 1)
     p_p: float  # P(f^p = 1)
     zeta: float  # P(f != f^p)
+    both: float  # P(f = 1 = f^p)
     rho: float
     h_f: float
     h_p: float
@@ -316,6 +323,12 @@ class Truth:
     def prob_p(self, c: np.ndarray) -> np.ndarray:
         return np.where(c == 1, self.p_p, 1.0 - self.p_p)
 
+    def counted(self, rule: Zeta, c: np.ndarray) -> np.ndarray:
+        """What ``rule``'s zeta bounds from above: P(f != f^p), or P(f = c != f^p) for the class c."""
+        if rule is Zeta.DISAGREEMENT:
+            return np.full(np.shape(c), self.zeta)
+        return np.where(c == 1, self.p_f - self.both, self.p_p - self.both)
+
     def radius_p(self, c: np.ndarray) -> np.ndarray:
         """g^p's true radius for class c (negative: g^p does not predict c at all)."""
         return SIGMA * norm.ppf(self.prob_p(c))
@@ -325,7 +338,8 @@ def truth_of(f: nn.Module, fp: nn.Module, x: np.ndarray) -> Truth:
     u_f, h_f = margin(f, x)
     u_p, h_p = margin(fp, x)
     rho = float(u_f @ u_p)
-    return Truth(norm.cdf(h_f), norm.cdf(h_p), disagreement(h_f, h_p, rho), rho, h_f, h_p)
+    both = both_class_one(h_f, h_p, rho)
+    return Truth(norm.cdf(h_f), norm.cdf(h_p), disagreement(h_f, h_p, rho), both, rho, h_f, h_p)
 
 
 @dataclass
@@ -336,19 +350,20 @@ class Engine:
     truth: Truth
     inputs: Inputs
     cache: BaseCache
-    disagreements: np.ndarray  # #{f^p != f} in the first N_P replayed samples, every repetition
+    rule: Zeta  # what zeta counts
+    counted: np.ndarray  # zeta's count in the first N_P replayed samples, every repetition
     preds_p: np.ndarray  # f^p's classes on those samples
     zeta: np.ndarray  # estimate_zeta
     irs: dict[str, IRSResult]
     gamma: float
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    return _engine(tmp_path_factory)
+@pytest.fixture(scope="module", params=list(Zeta), ids=[z.value for z in Zeta])
+def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    return _engine(tmp_path_factory, request.param)
 
 
-def _engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+def _engine(tmp_path_factory: pytest.TempPathFactory, rule: Zeta) -> Engine:
     gen = torch.Generator().manual_seed(7)
     x_img = torch.rand(SHAPE, generator=gen)
     x = x_img.double().flatten().numpy()
@@ -363,13 +378,15 @@ def _engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
     # f^p: f's weights moved t times their rounding error to a grid of QUANT_STEP (mimicking quantization), and a
     # new class-1 bias.  Two knobs, three targets met at once with P(f = 1):
     # * P(f^p = 1) just below a jump of the direct bound (alpha_d, N_P), lower than P(f = 1) by ~0.85 zeta;
-    # * P(f != f^p) just above a jump of both the alpha_zeta and the 2 alpha_zeta upper bound at N_P: solved for
-    #   the correlation rho of the two boundaries (the disagreement falls as rho rises), then for t.
+    # * what zeta counts (P(f != f^p), or the loss P(f = 1 != f^p)) just above a jump of both the alpha_zeta and the
+    #   2 alpha_zeta upper bound at N_P: solved for the correlation rho of the two boundaries (both fall as rho
+    #   rises), then for t.
     zeta = worst_p_for_both(cp_upper(ALPHA_ZETA), cp_upper(2 * ALPHA_ZETA), N_P, ZETA_TARGET, "upper", EPS)
     u_f, h_f = margin(f, x)
     p_p = worst_p(cp_lower(ALPHA_D), N_P, norm.cdf(h_f) - 0.85 * zeta, "lower", EPS)
     h_p = float(norm.ppf(p_p))
-    rho = brentq(lambda r: disagreement(h_f, h_p, r) - zeta, 0.0, 1.0 - 1e-9, xtol=1e-15)
+    count = disagreement if rule is Zeta.DISAGREEMENT else loss
+    rho = brentq(lambda r: count(h_f, h_p, r) - zeta, 0.0, 1.0 - 1e-9, xtol=1e-15)
     error = np.round(weight / QUANT_STEP) * QUANT_STEP - weight
     a_err = error[1] - error[0]
 
@@ -396,22 +413,29 @@ def _engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
     cache = build_base_cache(f, inputs, tmp_path_factory.mktemp("soundness") / "cache", settings)
     rows = np.arange(ENGINE_REPS)
     preds_p = replay(fp, inputs.x, cache, rows, N_P)
-    disagreements = (preds_p != np.asarray(cache.predictions[:, :N_P])).sum(axis=1)
-    zeta_hat = estimate_zeta(fp, inputs.x, cache, N_P, ALPHA_ZETA)
+    preds_f = np.asarray(cache.predictions[:, :N_P])
+    counted = preds_p != preds_f
+    if rule is Zeta.LOSS:
+        counted &= preds_f == cache.c_hat[:, None]
+    counted = counted.sum(axis=1)
+    zeta_hat = estimate_zeta(fp, inputs.x, cache, N_P, ALPHA_ZETA, rule)
 
     # gamma between the two branches: the cached p_A of a typical repetition, so that both are taken often.
     gamma = float(lower_confidence_bound(round(N * truth.p_f), N, ALPHA))
     irs = {
         mode: certify_irs(
-            fp, inputs.x, cache, IRSSettings(n_p=N_P, alpha_zeta=ALPHA_ZETA, alpha_d=ALPHA_D, mode=mode, gamma=gamma)
+            fp,
+            inputs.x,
+            cache,
+            IRSSettings(n_p=N_P, alpha_zeta=ALPHA_ZETA, alpha_d=ALPHA_D, mode=mode, gamma=gamma, zeta=rule),
         )
         for mode in ("max", "gamma")
     }
     print(
-        f"truth: P(f=1) = {truth.p_f:.6f}, P(f^p=1) = {truth.p_p:.6f}, P(f!=f^p) = {truth.zeta:.6f}, "
-        f"rho = {truth.rho:.5f}, t = {t:.3f}, gamma = {gamma:.5f}"
+        f"truth ({rule.value}): P(f=1) = {truth.p_f:.6f}, P(f^p=1) = {truth.p_p:.6f}, P(f!=f^p) = {truth.zeta:.6f}, "
+        f"P(f=1!=f^p) = {truth.p_f - truth.both:.6f}, rho = {truth.rho:.5f}, t = {t:.3f}, gamma = {gamma:.5f}"
     )
-    return Engine(x, f, fp, truth, inputs, cache, disagreements, preds_p, zeta_hat, irs, gamma)
+    return Engine(x, f, fp, truth, inputs, cache, rule, counted, preds_p, zeta_hat, irs, gamma)
 
 
 def test_ground_truth_matches_monte_carlo(engine: Engine) -> None:
@@ -428,7 +452,7 @@ def test_ground_truth_matches_monte_carlo(engine: Engine) -> None:
     assert both_class_one(t.h_f, t.h_p, t.rho) == pytest.approx(integral, abs=1e-9)
 
     rng = np.random.default_rng(11)
-    total, hits_f, hits_p, hits_d = 1_000_000, 0, 0, 0
+    total, hits_f, hits_p, hits_d, hits_l = 1_000_000, 0, 0, 0, 0
     for _ in range(4):
         z = engine.x + SIGMA * rng.standard_normal((total // 4, DIM))
         cf = (z @ w.T + b).argmax(axis=1)
@@ -436,6 +460,7 @@ def test_ground_truth_matches_monte_carlo(engine: Engine) -> None:
         hits_f += int((cf == 1).sum())
         hits_p += int((cp == 1).sum())
         hits_d += int((cf != cp).sum())
+        hits_l += int(((cf == 1) & (cp != 1)).sum())
 
     def close(hits: int, count: int, p: float) -> bool:
         return abs(hits / count - p) <= 5.0 * math.sqrt(p * (1 - p) / count)
@@ -443,12 +468,15 @@ def test_ground_truth_matches_monte_carlo(engine: Engine) -> None:
     assert close(hits_f, total, t.p_f), (hits_f / total, t.p_f)
     assert close(hits_p, total, t.p_p), (hits_p / total, t.p_p)
     assert close(hits_d, total, t.zeta), (hits_d / total, t.zeta)
+    assert close(hits_l, total, t.p_f - t.both), (hits_l / total, t.p_f - t.both)
 
     # The engine's float32 noise and forward passes, pooled over all repetitions (independent seeds).
     preds = np.asarray(engine.cache.predictions)
     assert close(int((preds == 1).sum()), preds.size, t.p_f)
     assert close(int((engine.preds_p == 1).sum()), engine.preds_p.size, t.p_p)
-    assert close(int(engine.disagreements.sum()), engine.preds_p.size, t.zeta)
+    truth_counted = float(t.counted(engine.rule, np.ones(1))[0])
+    ones = engine.cache.c_hat == 1  # the repetitions whose c_hat is class 1 (almost all)
+    assert close(int(engine.counted[ones].sum()), int(ones.sum()) * N_P, truth_counted)
     # f^p is noticeably worse than f.
     assert t.p_f - t.p_p > 0.5 * t.zeta
 
@@ -480,23 +508,38 @@ def test_cohen_certify_lower_bound_coverage(engine: Engine) -> None:
 
 
 def test_zeta_coverage(engine: Engine) -> None:
-    """(b) estimate_zeta against the true P(f^p != f), level alpha_zeta; the same counts at 2 alpha_zeta must fail."""
-    t = engine.truth
-    np.testing.assert_array_equal(engine.zeta, upper_confidence_bound(engine.disagreements, N_P, ALPHA_ZETA))
-    exact = exact_miscoverage(cp_upper(ALPHA_ZETA), N_P, t.zeta, "upper")
-    exact_2 = exact_miscoverage(cp_upper(2 * ALPHA_ZETA), N_P, t.zeta, "upper")
+    """(b) estimate_zeta against the true probability of what it counts, level alpha_zeta; at 2 alpha_zeta it fails.
+
+    Loss rule: counting the gains (f != c_hat = f^p) instead of the losses must be flagged too.
+    """
+    t, cache = engine.truth, engine.cache
+    np.testing.assert_array_equal(engine.zeta, upper_confidence_bound(engine.counted, N_P, ALPHA_ZETA))
+    truth = t.counted(engine.rule, cache.c_hat)
+    ones = cache.c_hat == 1
+    exact = exact_miscoverage(cp_upper(ALPHA_ZETA), N_P, float(truth[ones][0]), "upper")
+    exact_2 = exact_miscoverage(cp_upper(2 * ALPHA_ZETA), N_P, float(truth[ones][0]), "upper")
     assert exact > 0.85 * ALPHA_ZETA and exact_2 > 1.5 * ALPHA_ZETA
-    good = coverage("engine zeta (estimate_zeta)", engine.zeta < t.zeta, ALPHA_ZETA, exact)
+    name = f"engine zeta (estimate_zeta, {engine.rule.value})"
+    good = coverage(name, engine.zeta[ones] < truth[ones], ALPHA_ZETA, exact)
     assert_sound(good)
     assert_matches_exact(good)
-    wrong = upper_confidence_bound(engine.disagreements, N_P, 2 * ALPHA_ZETA)
-    bad = coverage("engine zeta at 2 alpha_zeta (wrong)", wrong < t.zeta, ALPHA_ZETA, exact_2)
+    assert_sound(coverage(name + ", every repetition", engine.zeta < truth, ALPHA_ZETA))
+    wrong = upper_confidence_bound(engine.counted, N_P, 2 * ALPHA_ZETA)
+    bad = coverage(f"{name} at 2 alpha_zeta (wrong)", wrong[ones] < truth[ones], ALPHA_ZETA, exact_2)
     assert_flagged(bad)
     assert_matches_exact(bad)
-    # IRS computes the same disagreements on the inputs it evaluates.
+    if engine.rule is Zeta.LOSS:
+        preds_f = np.asarray(cache.predictions[:, :N_P])
+        gains = ((preds_f != cache.c_hat[:, None]) & (engine.preds_p == cache.c_hat[:, None])).sum(axis=1)
+        assert_flagged(
+            coverage("zeta on the gains (wrong)", upper_confidence_bound(gains, N_P, ALPHA_ZETA) < truth, ALPHA_ZETA)
+        )
+    # IRS computes the same counts and bounds on the inputs it evaluates.
     for res in engine.irs.values():
-        np.testing.assert_array_equal(res.disagreements[res.evaluated], engine.disagreements[res.evaluated])
-        np.testing.assert_array_equal(res.zeta[res.evaluated], engine.zeta[res.evaluated])
+        ev = res.evaluated
+        counts = res.losses if engine.rule is Zeta.LOSS else res.disagreements
+        np.testing.assert_array_equal(counts[ev], engine.counted[ev])
+        np.testing.assert_array_equal(res.zeta[ev], engine.zeta[ev])
 
 
 def radius_wrong(reported: np.ndarray, true_radius: np.ndarray) -> np.ndarray:
