@@ -246,6 +246,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
                 else:
                     line = f"ACR {result.acr:.4f}  acc {result.accuracy:.3f}  size {result.size_ratio:6.1%}"
                     line += f"  {result.seconds:5.1f}s  {result.config.summary()}"
+                    if result.same_as is not None:
+                        line += f"  (same configuration as trial {result.same_as}: its certificate, no samples)"
                 console.print(f"trial {trial.number:3d}  {line}", highlight=False)
                 advance(1)
 
@@ -256,9 +258,13 @@ def cmd_tune(args: argparse.Namespace) -> None:
                 timeout=study.search.timeout or None,
                 callbacks=[stopper, MaxTrialsCallback(study.search.trials, states=FINISHED)],
             )
-    stopped = len(optuna_study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
+    finished = optuna_study.get_trials(deepcopy=False, states=FINISHED)
+    stopped = sum(t.state == TrialState.PRUNED for t in finished)
     if stopped:
         console.print(f"Racing stopped {stopped} trial(s) early: they could not reach the front (search.race).")
+    repeats = sum(t.user_attrs.get("same_as") is not None for t in finished)
+    if repeats:
+        console.print(f"{repeats} trial(s) repeated an earlier configuration and took its result without sampling.")
     _show_front(study, optuna_study, as_json=False)
 
 

@@ -21,6 +21,12 @@ seen in its user attributes (Optuna's pruners do not work for multi-objective st
 trial that reaches its full pre-set budget reports a certificate.  The front of the trials run is therefore exactly
 the front those trials would have without racing, and every certificate keeps its stated confidence.
 
+**Repeated configurations.**  Samplers propose a configuration again now and then (NSGA-II's crossover and mutation
+on categorical choices do).  The same configuration is the same f^p, and IRS replays the same cached noise, so its
+certificate is the same one: a trial whose configuration an earlier finished trial already scored takes that
+trial's result without evaluating a sample (user attribute ``same_as``; ``samples`` 0).  A repeat of a trial that
+racing stopped stops too: the complete trial that dominated it is still there.
+
 **Several workers.**  Any number of ``approxtune tune`` processes, on any number of machines, can share one study
 through a database server (``search.storage = "postgresql+psycopg2://..."``).  Exactly one of them creates the study
 (``optuna.create_study(load_if_exists=False)`` is decided by the database's unique study name: the others get
@@ -41,7 +47,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +79,7 @@ __all__ = [
     "constraint_violation",
     "create_study",
     "dominates",
+    "earlier_result",
     "enqueue_baselines",
     "evaluate",
     "front",
@@ -121,10 +128,20 @@ class TrialResult:
     samples: int
     seconds: float
     radii: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    same_as: int | None = None
+    """The earlier trial of the same configuration whose result this is (no sample evaluated), if any."""
 
     @property
     def values(self) -> Values:
         return (self.acr, self.accuracy, self.size_bytes)
+
+    @classmethod
+    def from_attrs(cls, attrs: dict) -> TrialResult:
+        """The result a complete trial recorded (:meth:`to_attrs`), without the per-input radii."""
+        kept = {f.name for f in fields(cls)} - {"config", "radii"}
+        values = {k: v for k, v in attrs.items() if k in kept}
+        values["mean_zeta"] = math.nan if values.get("mean_zeta") is None else values["mean_zeta"]
+        return cls(config=ApproximationConfig.from_dict(attrs["config"]), **values)
 
     def to_attrs(self) -> dict:
         attrs = {k: v for k, v in asdict(self).items() if k not in ("config", "radii")}
@@ -146,10 +163,19 @@ def dominates(a: Values, b: Values) -> bool:
 class Stopped(Exception):
     """A raced candidate stopped before its full budget: no certificate, only what was seen."""
 
-    def __init__(self, reason: str, stage: float, upper: Values, samples: int, seconds: float, summary: str) -> None:
+    def __init__(
+        self,
+        reason: str,
+        stage: float,
+        upper: Values,
+        samples: int,
+        seconds: float,
+        summary: str,
+        same_as: int | None = None,
+    ) -> None:
         super().__init__(reason)
         self.reason, self.stage, self.upper, self.samples, self.seconds = reason, stage, upper, samples, seconds
-        self.summary = summary
+        self.summary, self.same_as = summary, same_as
 
     def to_attrs(self) -> dict:
         return {
@@ -161,6 +187,7 @@ class Stopped(Exception):
             "samples": self.samples,
             "seconds": self.seconds,
             "summary": self.summary,
+            "same_as": self.same_as,
         }
 
 
@@ -208,6 +235,37 @@ def evaluate(
         seconds=time.perf_counter() - start,
         radii=result.radius,
     )
+
+
+_PRUNED = optuna.trial.TrialState.PRUNED
+
+
+def earlier_result(trial: optuna.Trial, config: ApproximationConfig, racing: bool = True) -> TrialResult | None:
+    """The result of an earlier finished trial of the same ``config``, as this trial's (``same_as``, no samples).
+
+    The same configuration is the same f^p and IRS replays the same cached noise, so the certificate is the one that
+    trial got.  With ``racing``, a repeat of a trial that racing stopped raises :class:`Stopped` (the complete trial
+    that dominated it still does); returns None when no such finished trial exists.
+    """
+    start = time.perf_counter()
+    wanted = config.to_dict()
+    states = (optuna.trial.TrialState.COMPLETE, _PRUNED) if racing else (optuna.trial.TrialState.COMPLETE,)
+    twins = [
+        t
+        for t in trial.study.get_trials(deepcopy=False, states=states)
+        if t.number != trial.number and t.user_attrs.get("config") == wanted
+    ]
+    if not twins:
+        return None
+    twin = min(twins, key=lambda t: (t.state == _PRUNED, t.number))  # a complete twin first
+    attrs = twin.user_attrs
+    if twin.state == _PRUNED:
+        reason = f"same configuration as trial {twin.number}, which was stopped: {attrs['stopped']}"
+        upper = (attrs["upper_acr"], attrs["accuracy"], attrs["size_bytes"])
+        seconds = time.perf_counter() - start
+        raise Stopped(reason, attrs["race_stage"], upper, 0, seconds, attrs["summary"], same_as=twin.number)
+    result = TrialResult.from_attrs(attrs)
+    return replace(result, samples=0, seconds=time.perf_counter() - start, same_as=twin.number)
 
 
 def constraint_violation(study: Study, base_accuracy: float, fp32_size: int, values: Values) -> str | None:
@@ -572,7 +630,9 @@ def make_objective(
 
         race = make_race(study, base_accuracy, fp32_size, rivals) if study.search.race else None
         try:
-            result = evaluate(model, config, inputs, cache, study, device, race)
+            result = earlier_result(trial, config, race is not None) or evaluate(
+                model, config, inputs, cache, study, device, race
+            )
         except Stopped as stopped:
             for key, value in stopped.to_attrs().items():
                 trial.set_user_attr(key, value)

@@ -54,6 +54,15 @@ def _run(setup, study, params=None, n_trials=TRIALS):
     return optuna_study
 
 
+def _uniform(precision):
+    """Trial params of one precision on every layer, no pruning."""
+    return {
+        f"{layer}.{key}": value
+        for layer in ("conv1", "conv2", "fc1", "fc2")
+        for key, value in (("precision", precision), ("prune", 0.0))
+    }
+
+
 def test_dominates():
     assert search.dominates((0.5, 0.9, 100), (0.4, 0.9, 100))
     assert search.dominates((0.5, 0.9, 100), (0.5, 0.8, 100))
@@ -95,12 +104,7 @@ def test_racing_stops_only_dominated_trials_and_keeps_every_certificate_and_the_
 
 def test_an_infeasible_candidate_stops_before_any_sample(setup):
     study = _with(setup[0], max_size_ratio=0.6)
-    fp32 = {
-        f"{layer}.{key}": value
-        for layer in ("conv1", "conv2", "fc1", "fc2")
-        for key, value in (("precision", "fp32"), ("prune", 0.0))
-    }
-    int8 = {k: ("int8" if k.endswith("precision") else v) for k, v in fp32.items()}
+    fp32, int8 = _uniform("fp32"), _uniform("int8")
     result = _run(setup, study, params=[fp32, int8], n_trials=2)
     stopped, complete = result.trials
     assert stopped.state == optuna.trial.TrialState.PRUNED and stopped.user_attrs["samples"] == 0
@@ -137,3 +141,35 @@ def test_a_study_from_before_irs_zeta_resumes_only_with_the_papers_zeta(setup):
     with pytest.raises(search.StudyMismatchError, match="irs_zeta: study has 'disagreement', now 'loss'"):
         search._check_recorded(study, recorded, attrs)
     search._check_recorded(study, recorded, {**attrs, "irs_zeta": "disagreement"})
+
+
+def test_a_repeated_configuration_takes_the_earlier_result_without_sampling(setup):
+    """A repeat is the same f^p on the same cached noise: same values and attributes, no samples, ``same_as``."""
+    study = _with(setup[0], race=[])
+    fp32, int8 = _uniform("fp32"), _uniform("int8")
+    first, other, again = _run(setup, study, params=[int8, fp32, int8], n_trials=3).trials
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in (first, other, again))
+    assert first.user_attrs["same_as"] is None and first.user_attrs["samples"] > 0
+    assert again.values == first.values and again.user_attrs["same_as"] == first.number
+    assert again.user_attrs["samples"] == 0
+    same = {k for k in first.user_attrs if k not in ("samples", "seconds", "same_as", "worker")}
+    assert {k: again.user_attrs[k] for k in same} == {k: first.user_attrs[k] for k in same}
+    assert again.constraints == first.constraints
+
+
+def test_a_repeat_of_a_stopped_trial_stops_at_once(setup):
+    study = _with(setup[0], max_size_ratio=0.6)
+    fp32 = _uniform("fp32")
+    first, again = _run(setup, study, params=[fp32, fp32], n_trials=2).trials
+    assert first.state == again.state == optuna.trial.TrialState.PRUNED
+    assert again.user_attrs["same_as"] == first.number and again.user_attrs["samples"] == 0
+    assert again.user_attrs["stopped"].startswith(f"same configuration as trial {first.number}, which was stopped")
+    # Without racing, a repeat of a stopped trial is certified in full: the user asked for every certificate.
+    _, model, inputs, cache, base_accuracy = setup
+    same_study = _run(setup, study, params=[fp32], n_trials=1)
+    same_study.enqueue_trial(fp32)
+    plain = search.make_objective(_with(study, race=[]), model, inputs, cache, base_accuracy, "cpu")
+    same_study.optimize(plain, n_trials=1)
+    stopped, full = same_study.trials
+    assert stopped.state == optuna.trial.TrialState.PRUNED and full.state == optuna.trial.TrialState.COMPLETE
+    assert full.user_attrs["same_as"] is None and full.user_attrs["samples"] > 0
