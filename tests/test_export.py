@@ -117,6 +117,7 @@ def test_export_by_trial_writes_compressed_weights_a_deployable_and_a_held_out_c
     assert cert["model_sha256"] == hashlib.sha256(payload).hexdigest() == config["model_sha256"]
     assert cert["method"] == "irs" and cert["trial"] == int8.number
     assert (cert["sigma"], cert["alpha"], cert["alpha_zeta"], cert["alpha_d"]) == (0.5, 0.001, 0.0005, 0.0005)
+    assert (cert["irs_mode"], cert["irs_zeta"]) == ("max", "loss")
     assert (cert["n0"], cert["n"], cert["n_p"]) == (16, 200, 100)
     assert cert["confidence"] == pytest.approx(1 - (0.001 + 0.0005 + 0.0005))
     assert cert["inputs"]["split"] == "report" and cert["inputs"]["indices"] == report.index.tolist()
@@ -210,6 +211,7 @@ def test_scratch_recheck_certifies_from_scratch_on_fresh_noise(tuned, monkeypatc
     assert cert["method"] == "scratch" and cert["noise"]["streams"] == ["FRESH"]
     assert cert["noise"]["run_seed"] == pipeline.noise_seed(s, "report")
     assert cert["confidence"] == pytest.approx(1 - 0.001) and cert["alpha_zeta"] is None and cert["n_p"] is None
+    assert cert["irs_zeta"] is None
     radii = np.array([p["radius"] for p in cert["per_input"]])
     assert cert["acr"] == pytest.approx(radii.mean(), abs=1e-12) and radii.max() > 0
     for p in cert["per_input"]:
