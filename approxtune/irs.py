@@ -70,12 +70,12 @@ plausible radii expect (f^p's frequency ``q_i - l_i``, zeta ``UCB(round(k d_i), 
 that no replay uses.  Each input then replays its own ``k_i <= m`` samples and reports the radius of the branch that
 is plausibly larger at ``k_i``; IRS refuses any ``n_p`` or count reaching into the tail.
 
-Why this costs nothing. Let A = {p_a > P(f = c_hat)} (probability <= alpha), Z_k = {zeta_k < P(f^p != f)} and D_k =
-{p_d,k > P(f^p = c_hat)}, zeta_k and p_d,k computed on f^p's and f's classes on eps_1..eps_k. Let T be everything
-the decisions read: every input's tail and selection samples, f^p's classes on the pilot samples (part of the tail),
-and (for the gate "g certifies the label", p_a > 1/2) the other inputs' caches. Given T, input i's prefix samples
-are still i.i.d. N(0, sigma^2 I), so with (k_i, b_i) a function of T, P(Z_k_i | T) <= alpha_zeta and P(D_k_i | T) <=
-alpha_d. The zeta branch can be wrong only under A or Z, the direct branch only under D, hence
+Why this costs nothing. Let A = {p_a > P(f = c_hat)} (probability <= alpha), Z_k = {zeta_k < P(what zeta counts)}
+and D_k = {p_d,k > P(f^p = c_hat)}, zeta_k and p_d,k computed on f^p's and f's classes on eps_1..eps_k. Let T be
+everything the decisions read: every input's tail and selection samples, f^p's classes on the pilot samples (part of
+the tail), and (for the gate "g certifies the label", p_a > 1/2) the other inputs' caches. Given T, input i's prefix
+samples are still i.i.d. N(0, sigma^2 I), so with (k_i, b_i) a function of T, P(Z_k_i | T) <= alpha_zeta and
+P(D_k_i | T) <= alpha_d. The zeta branch can be wrong only under A or Z, the direct branch only under D, hence
 
     P(wrong) <= P(A) + E[1{b_i = zeta} P(Z | T)] + E[1{b_i = direct} P(D | T)]
             <= alpha + alpha_zeta P(zeta branch) + alpha_d P(direct branch) <= alpha + max(alpha_zeta, alpha_d).
