@@ -46,8 +46,9 @@ wrong only if the base bound (A) or the loss bound (Z, a Clopper-Pearson bound o
 ``alpha_zeta``) failed: the same events and the same confidence as the paper's zeta.  The losses are a subset of
 the disagreements on every sample, and the bound is monotone in the count, so ``zeta_loss`` is never larger and the
 zeta radius never smaller.  ``zeta = "loss"`` (default) counts losses, ``"disagreement"`` reproduces the paper.
-(Adding back the gains, f^p = c_hat where f had another class, would need a second bound and a split of
-``alpha_zeta``; measured on the default study it certifies less: benchmarks/RESULTS.md.)
+(Adding back the gains, f^p = c_hat where f had another class, needs a second bound and a split of ``alpha_zeta``;
+on the default study's trials that adds 1 % to the zeta radius alone and loses a little in mode "max":
+benchmarks/zeta_results.md.)
 
 Tail mode: decisions from samples that f^p never sees
 ------------------------------------------------------

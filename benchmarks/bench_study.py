@@ -17,6 +17,12 @@ ACR reaches the trial's IRS ACR is then certified again, timed.  "Not reached" m
 The front's hypervolume (ACR / base ACR, accuracy, size / fp32 size; reference (0, 0, 1)) is computed for all trials
 certified in full and for the trials racing let complete; racing is sound, so the two must be equal.
 
+Two more columns: **repeats reused** -- what ``approxtune tune`` itself spends, racing plus trials that repeat an
+earlier configuration (user attr ``same_as``) costing nothing, as they do in the tool; and the **ceiling** -- scratch
+over IRS on the rule's feasible front alone (repeats excepted).  A trial on the front must run its full budget
+whatever racing does (a stopped trial reports no certificate), so no racing rule can beat that ratio with these
+per-trial certificates.
+
     approxtune tune studies/digits.toml      # first: the study whose trials are measured
     python benchmarks/bench_study.py [--study studies/digits.toml] [--rules max gamma tail tail-pilot16]
     python benchmarks/bench_study.py --report-only      # rewrite study_results.md from study_results.json
@@ -46,11 +52,19 @@ from approxtune.config import load_study
 from approxtune.noise import input_seeds
 from approxtune.statistics import acr, lower_confidence_bound, radius
 
-RULES = {
-    "max": {"mode": "max", "alpha_zeta": 0.0005, "alpha_d": 0.0005},  # the default study's rule
-    "gamma": {"mode": "gamma", "gamma": 0.99, "alpha_zeta": 0.001, "alpha_d": 0.001},
-    "tail": {"mode": "tail", "alpha_zeta": 0.001, "alpha_d": 0.001},
-    "tail-pilot16": {"mode": "tail", "pilot": 16, "alpha_zeta": 0.001, "alpha_d": 0.001},
+RULES = {  # every rule at total confidence 1 - 0.002; "-disagreement": the paper's zeta on all f^p != f
+    "max": {"mode": "max", "alpha_zeta": 0.0005, "alpha_d": 0.0005, "zeta": "loss"},  # the default study's rule
+    "max-disagreement": {"mode": "max", "alpha_zeta": 0.0005, "alpha_d": 0.0005, "zeta": "disagreement"},
+    "gamma": {"mode": "gamma", "gamma": 0.99, "alpha_zeta": 0.001, "alpha_d": 0.001, "zeta": "loss"},
+    "gamma-disagreement": {
+        "mode": "gamma",
+        "gamma": 0.99,
+        "alpha_zeta": 0.001,
+        "alpha_d": 0.001,
+        "zeta": "disagreement",
+    },
+    "tail": {"mode": "tail", "alpha_zeta": 0.001, "alpha_d": 0.001, "zeta": "loss"},
+    "tail-pilot16": {"mode": "tail", "pilot": 16, "alpha_zeta": 0.001, "alpha_d": 0.001, "zeta": "loss"},
 }
 GRID = 16
 NOTES = "<!-- notes: kept when the script rewrites the tables above -->"
@@ -96,6 +110,19 @@ def scratch_at_equal_acr(approx, inputs, seeds, cache, study, curve, alpha_b: fl
     }
 
 
+def load_tuned(path: str):
+    """``(study, optuna study, model, search inputs, base cache, base accuracy)`` of a study that has been tuned."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = load_study(path)
+    optuna_study = search.load_existing_study(study)
+    if optuna_study is None:
+        raise SystemExit(f"no study yet: run `approxtune tune {path}` first")
+    model = pipeline.ensure_model(study)
+    inputs = pipeline.load_inputs(study, "search")
+    cache, base_accuracy = pipeline.ensure_cache(study, model, inputs, "search", device=torch.device("cpu"))
+    return study, optuna_study, model, inputs, cache, base_accuracy
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", default="studies/digits.toml")
@@ -111,17 +138,10 @@ def main() -> None:
         return
 
     torch.set_num_threads(args.threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = load_study(args.study)
-    optuna_study = search.load_existing_study(study)
-    if optuna_study is None:
-        raise SystemExit(f"no study yet: run `approxtune tune {args.study}` first")
+    study, optuna_study, model, inputs, cache, base_accuracy = load_tuned(args.study)
     race = [float(x) for x in args.race.split(",")] if args.race else study.search.race
     if not race:
         raise SystemExit("no racing stages: pass --race 0.125,0.25,0.5")
-    model = pipeline.ensure_model(study)
-    inputs = pipeline.load_inputs(study, "search")
-    cache, base_accuracy = pipeline.ensure_cache(study, model, inputs, "search", device=torch.device("cpu"))
     fresh_seeds = input_seeds(10_000 + study.study.seed, inputs.index)  # never the search noise
     fp32_size = fp32_size_bytes(model)
 
@@ -144,7 +164,7 @@ def main() -> None:
         curve = scratch_curve(approx, inputs, fresh_seeds, cache, study)
         line = f"trial {trial.number:3d}"
         for name, (plain, raced, done, race_fn) in rules.items():
-            row: dict = {"trial": trial.number, "summary": config.summary()}
+            row: dict = {"trial": trial.number, "summary": config.summary(), "same_as": trial.user_attrs.get("same_as")}
             full = functools.partial(search.evaluate, model, config, inputs, cache, plain)
             fast = functools.partial(search.evaluate, model, config, inputs, cache, raced, race=race_fn)
             for step in (full, fast) if i % 2 == 0 else (fast, full):
@@ -196,6 +216,15 @@ def main() -> None:
             feasible = [v for v in points if search.constraint_violation(plain, base_accuracy, fp32_size, v) is None]
             return hypervolume(feasible, float(cache.summary()["acr"]), fp32_size) if feasible else 0.0
 
+        def values(x: dict) -> search.Values:
+            return (x["acr_irs"], x["accuracy"], x["size_bytes"])
+
+        feasible_rows = [
+            x for x in r if search.constraint_violation(plain, base_accuracy, fp32_size, values(x)) is None
+        ]
+        front = [x for x in feasible_rows if not any(search.dominates(values(y), values(x)) for y in feasible_rows)]
+        fresh = [x for x in r if x["same_as"] is None]
+
         runs[name] = {
             "settings": {
                 "mode": settings.mode.value,
@@ -209,6 +238,13 @@ def main() -> None:
                 **{k: sum(x[k] for x in r) for k in ("irs_seconds", "race_seconds", "scratch_seconds")},
                 **{k: sum(x[k] for x in r) for k in ("irs_samples", "race_samples", "scratch_samples")},
                 "stopped": sum(x["stopped"] is not None for x in r),
+                "repeats": len(r) - len(fresh),
+                "tool_seconds": sum(x["race_seconds"] for x in fresh),  # racing, and repeats take the earlier result
+                "tool_samples": sum(x["race_samples"] for x in fresh),
+                # The front must be certified in full whatever racing does (its repeats excepted): a floor on the time.
+                "front": [x["trial"] for x in front],
+                "front_irs_seconds": sum(x["irs_seconds"] for x in front if x["same_as"] is None),
+                "front_irs_samples": sum(x["irs_samples"] for x in front if x["same_as"] is None),
                 "stopped_at": {f"{st:g}": sum(x["race_stage"] == st for x in r) for st in (0.0, *race)},
                 "not_reached": sum(not x["reached"] for x in r),
                 "hypervolume_all": hv(r),
@@ -242,8 +278,9 @@ def write_report(data: dict, out: Path) -> None:
         "",
         "| rule | α_ζ / α_d | confidence | mean ACR | IRS s | IRS + racing s | scratch s | scratch / IRS "
         "| scratch / (IRS + racing) | samples: scratch / (IRS + racing) | stopped (at stage: count) "
-        "| hypervolume all / raced |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| hypervolume all / raced | repeats | scratch / (IRS + racing + repeats reused) "
+        "| front trials | ceiling: scratch / (IRS of the front alone), time / samples |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|",
     ]
     for name, run in data["runs"].items():
         s, su = run["settings"], run["summary"]
@@ -254,7 +291,10 @@ def write_report(data: dict, out: Path) -> None:
             f"{su['irs_seconds']:.1f} | {su['race_seconds']:.1f} | {su['scratch_seconds']:.1f} | {ratio:.2f}× | "
             f"**{raced:.2f}×** | {su['scratch_samples'] / su['race_samples']:.2f}× | {su['stopped']} of "
             f"{len(run['trials'])}{' (' + stages + ')' if stages else ''} | "
-            f"{su['hypervolume_all']:.4f} / {su['hypervolume_raced']:.4f} |"
+            f"{su['hypervolume_all']:.4f} / {su['hypervolume_raced']:.4f} | {su['repeats']} | "
+            f"**{su['scratch_seconds'] / su['tool_seconds']:.2f}×** | {len(su['front'])} | "
+            f"{su['scratch_seconds'] / su['front_irs_seconds']:.2f}× / "
+            f"{su['scratch_samples'] / su['front_irs_samples']:.2f}× |"
         )
     path = out.with_suffix(".md")
     notes = path.read_text().split(NOTES, 1)[1] if path.exists() and NOTES in path.read_text() else "\n"
