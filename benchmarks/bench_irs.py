@@ -12,8 +12,11 @@ them alike).  Each rule switches one improvement on over the one before it, and 
 * ``gamma-sharp`` -- the same threshold switch with alpha_zeta = alpha_d = 0.001, counted by the threshold argument of
   ../shared/DESIGN.md ("Confidence accounting"): max(alpha + alpha_zeta, alpha_zeta + alpha_d) = 0.002 (stated here,
   not read from ``IRSResult.alpha``);
-* ``max`` -- approxtune's default: the larger of the zeta and the direct radius, alpha_zeta = alpha_d = 0.0005; union
-  bound 0.002;
+* ``gamma-loss`` -- ``gamma-sharp`` with zeta on the losses of c_hat (f = c_hat != f^p) instead of all disagreements
+  (``irs.zeta = "loss"``; same level);
+* ``max-disagreement`` -- the larger of the zeta and the direct radius, alpha_zeta = alpha_d = 0.0005, the paper's zeta
+  on all disagreements; union bound 0.002;
+* ``max`` -- approxtune's default: ``max-disagreement`` with zeta on the losses;
 * ``tail`` -- mode "tail": branch and per-input sample counts decided from the cache's tail (allocation of the budget
   ``n_p x (inputs g certifies)``), alpha_zeta = alpha_d = 0.001; total alpha + max(alpha_zeta, alpha_d) = 0.002;
 * ``tail-pilot16`` -- as ``tail`` plus a pilot of 16 tail samples per input through f^p, paid from the same budget;
@@ -85,7 +88,7 @@ from approxtune import pipeline  # noqa: E402
 from approxtune.approximation import apply_approximation, preset  # noqa: E402
 from approxtune.certification import certify  # noqa: E402
 from approxtune.config import load_study  # noqa: E402
-from approxtune.irs import IRSSettings, Mode, certify_irs  # noqa: E402
+from approxtune.irs import IRSSettings, Mode, Zeta, certify_irs  # noqa: E402
 from approxtune.noise import input_seeds  # noqa: E402
 from approxtune.statistics import acr, lower_confidence_bound, radius  # noqa: E402
 
@@ -97,35 +100,49 @@ RULES = {
     # name: IRS settings without n_p; alpha_b = the total alpha this benchmark states for the rule (its scratch
     # baseline runs at the same level); how = the accounting behind alpha_b; label; what is switched on over "paper".
     "paper": {
-        "settings": dict(mode=Mode.GAMMA, gamma=GAMMA, alpha_zeta=0.001, alpha_d=ALPHA + 0.001),
+        "settings": dict(mode=Mode.GAMMA, gamma=GAMMA, alpha_zeta=0.001, alpha_d=ALPHA + 0.001, zeta=Zeta.DISAGREEMENT),
         "alpha_b": 0.004,
         "how": "union bound α + α_ζ + α_d",
         "label": "paper's γ switch (γ 0.99, α_ζ 0.001, α_d 0.002; union bound, total 1−0.004)",
         "on": "— (the paper's Algorithm 2, its α_d = α + α_ζ)",
     },
     "gamma-sharp": {
-        "settings": dict(mode=Mode.GAMMA, gamma=GAMMA, alpha_zeta=0.001, alpha_d=0.001),
+        "settings": dict(mode=Mode.GAMMA, gamma=GAMMA, alpha_zeta=0.001, alpha_d=0.001, zeta=Zeta.DISAGREEMENT),
         "alpha_b": 0.002,
         "how": "threshold argument max(α + α_ζ, α_ζ + α_d)",
         "label": "γ switch at its sharp level (γ 0.99, α_ζ = α_d = 0.001; total 1−0.002)",
         "on": "sharp accounting of the threshold switch (α_d ≤ α)",
     },
-    "max": {
-        "settings": dict(mode=Mode.MAX, alpha_zeta=0.0005, alpha_d=0.0005),
+    "gamma-loss": {
+        "settings": dict(mode=Mode.GAMMA, gamma=GAMMA, alpha_zeta=0.001, alpha_d=0.001, zeta=Zeta.LOSS),
+        "alpha_b": 0.002,
+        "how": "threshold argument max(α + α_ζ, α_ζ + α_d)",
+        "label": "γ switch at its sharp level, ζ on the losses of ĉA (total 1−0.002)",
+        "on": "gamma-sharp + ζ counting only losses of ĉA (f = ĉA ≠ f^p)",
+    },
+    "max-disagreement": {
+        "settings": dict(mode=Mode.MAX, alpha_zeta=0.0005, alpha_d=0.0005, zeta=Zeta.DISAGREEMENT),
         "alpha_b": 0.002,
         "how": "union bound α + α_ζ + α_d",
-        "label": "approxtune's max of ζ and direct radius (α_ζ = α_d = 0.0005; total 1−0.002)",
-        "on": "direct radius as a fallback on every input (larger radius)",
+        "label": "max of ζ (on all disagreements) and direct radius (α_ζ = α_d = 0.0005; total 1−0.002)",
+        "on": "gamma-sharp + direct radius as a fallback on every input (larger radius)",
+    },
+    "max": {
+        "settings": dict(mode=Mode.MAX, alpha_zeta=0.0005, alpha_d=0.0005, zeta=Zeta.LOSS),
+        "alpha_b": 0.002,
+        "how": "union bound α + α_ζ + α_d",
+        "label": "approxtune's default: max of ζ (on the losses) and direct radius (α_ζ = α_d = 0.0005; total 1−0.002)",
+        "on": "max-disagreement + ζ counting only losses of ĉA",
     },
     "tail": {
-        "settings": dict(mode=Mode.TAIL, alpha_zeta=0.001, alpha_d=0.001, allocate=True, pilot=0),
+        "settings": dict(mode=Mode.TAIL, alpha_zeta=0.001, alpha_d=0.001, allocate=True, pilot=0, zeta=Zeta.LOSS),
         "alpha_b": 0.002,
         "how": "α + max(α_ζ, α_d) (decisions from the tail)",
         "label": "tail mode, budget allocated from the tail (α_ζ = α_d = 0.001; total 1−0.002)",
         "on": "branch and per-input counts from the cache's tail (allocation)",
     },
     "tail-pilot16": {
-        "settings": dict(mode=Mode.TAIL, alpha_zeta=0.001, alpha_d=0.001, allocate=True, pilot=16),
+        "settings": dict(mode=Mode.TAIL, alpha_zeta=0.001, alpha_d=0.001, allocate=True, pilot=16, zeta=Zeta.LOSS),
         "alpha_b": 0.002,
         "how": "α + max(α_ζ, α_d) (decisions from the tail)",
         "label": "tail mode + 16 pilot tail samples per input through f^p (α_ζ = α_d = 0.001; total 1−0.002)",
@@ -142,6 +159,8 @@ LEGACY_RULES = {  # experiments written by the two-rule version of this script
 COLORS = {
     "paper": "tab:blue",
     "gamma-sharp": "tab:cyan",
+    "gamma-loss": "tab:olive",
+    "max-disagreement": "tab:orange",
     "max": "tab:red",
     "approxtune": "tab:red",
     "tail": "tab:green",
@@ -226,7 +245,7 @@ def stated_alpha(rule: str) -> float:
     a_z, a_d = s["alpha_zeta"], s["alpha_d"]
     if s["mode"] is Mode.TAIL:
         total = ALPHA + max(a_z, a_d)
-    elif rule == "gamma-sharp":  # threshold switch on the cached p_a: DESIGN.md's threshold argument
+    elif rule in ("gamma-sharp", "gamma-loss"):  # threshold switch on the cached p_a: DESIGN.md's threshold argument
         total = max(ALPHA + a_z, a_z + a_d)
     else:
         total = ALPHA + a_z + a_d
