@@ -74,11 +74,11 @@ class CertifySection:
 @dataclass(frozen=True)
 class IRSSection:
     n_p: int = 400
-    mode: str = "max"
+    mode: str = "tail"
     zeta: str = "loss"
     """What the zeta bound counts: "loss" (f = c_hat != f^p; never a smaller radius) or "disagreement" (the paper)."""
-    alpha_zeta: float = 0.0005
-    alpha_d: float = 0.0005
+    alpha_zeta: float = 0.001
+    alpha_d: float = 0.001
     gamma: float = 0.99
     n_tail: int = 0
     """Tail mode: cached samples kept for decisions, never replayed (0: n // 2)."""

@@ -4,7 +4,7 @@ Each trial samples a precision and a pruning amount for every searched layer, bu
 (:func:`approxtune.approximation.apply_approximation`), and measures three objectives:
 
 * **ACR** (maximise): IRS's average certified radius of g^p on the search inputs, zeros included; every certificate
-  holds with probability ``>= 1 - (alpha + alpha_zeta + alpha_d)``;
+  holds with the probability its IRS mode states (:meth:`approxtune.irs.IRSSettings.total_alpha`);
 * **accuracy** (maximise): f^p's clean accuracy on the search inputs;
 * **size** (minimise): the bytes of f^p's compressed weights (:func:`approxtune.approximation.model_size_bytes`).
 

@@ -24,7 +24,7 @@ whatever racing does (a stopped trial reports no certificate), so no racing rule
 per-trial certificates.
 
     approxtune tune studies/digits.toml      # first: the study whose trials are measured
-    python benchmarks/bench_study.py [--study studies/digits.toml] [--rules max gamma tail tail-pilot16]
+    python benchmarks/bench_study.py [--study studies/digits.toml] [--rules tail max gamma ...]
     python benchmarks/bench_study.py --report-only      # rewrite study_results.md from study_results.json
 """
 
@@ -53,17 +53,11 @@ from approxtune.noise import input_seeds
 from approxtune.statistics import acr, lower_confidence_bound, radius
 
 RULES = {  # every rule at total confidence 1 - 0.002; "-disagreement": the paper's zeta on all f^p != f
-    "max": {"mode": "max", "alpha_zeta": 0.0005, "alpha_d": 0.0005, "zeta": "loss"},  # the default study's rule
+    "tail": {"mode": "tail", "alpha_zeta": 0.001, "alpha_d": 0.001, "zeta": "loss"},  # the default study's rule
+    "tail-disagreement": {"mode": "tail", "alpha_zeta": 0.001, "alpha_d": 0.001, "zeta": "disagreement"},
+    "max": {"mode": "max", "alpha_zeta": 0.0005, "alpha_d": 0.0005, "zeta": "loss"},
     "max-disagreement": {"mode": "max", "alpha_zeta": 0.0005, "alpha_d": 0.0005, "zeta": "disagreement"},
     "gamma": {"mode": "gamma", "gamma": 0.99, "alpha_zeta": 0.001, "alpha_d": 0.001, "zeta": "loss"},
-    "gamma-disagreement": {
-        "mode": "gamma",
-        "gamma": 0.99,
-        "alpha_zeta": 0.001,
-        "alpha_d": 0.001,
-        "zeta": "disagreement",
-    },
-    "tail": {"mode": "tail", "alpha_zeta": 0.001, "alpha_d": 0.001, "zeta": "loss"},
     "tail-pilot16": {"mode": "tail", "pilot": 16, "alpha_zeta": 0.001, "alpha_d": 0.001, "zeta": "loss"},
 }
 GRID = 16

@@ -43,7 +43,8 @@ HOW_TO_GET_A_SERVER = (
 BASELINES = {"fp32", "fp16", "bf16", "int8", "prune5", "prune10", "prune20"}
 
 # Like tests/test_cli.py's TINY, with trials slow enough (0.5-2 s) to kill a worker mid-trial, and many enough that
-# the other workers still start trials after its trial has turned stale (grace period 2 s) and so retry it.
+# the other workers still start trials after its trial has turned stale (grace period 2 s) and so retry it.  Mode
+# "max" replays every cached sample (n_p = n); the default tail mode keeps half of them for its decisions.
 CLUSTER_STUDY = """
 [study]
 name = "{name}"
@@ -59,6 +60,7 @@ n0 = 16
 n = 600
 [irs]
 n_p = 600
+mode = "max"
 [search]
 trials = {trials}
 storage = "{url}"

@@ -116,10 +116,10 @@ def test_export_by_trial_writes_compressed_weights_a_deployable_and_a_held_out_c
     report, search = pipeline.load_inputs(s, "report"), pipeline.load_inputs(s, "search")
     assert cert["model_sha256"] == hashlib.sha256(payload).hexdigest() == config["model_sha256"]
     assert cert["method"] == "irs" and cert["trial"] == int8.number
-    assert (cert["sigma"], cert["alpha"], cert["alpha_zeta"], cert["alpha_d"]) == (0.5, 0.001, 0.0005, 0.0005)
-    assert (cert["irs_mode"], cert["irs_zeta"]) == ("max", "loss")
+    assert (cert["sigma"], cert["alpha"], cert["alpha_zeta"], cert["alpha_d"]) == (0.5, 0.001, 0.001, 0.001)
+    assert (cert["irs_mode"], cert["irs_zeta"]) == ("tail", "loss")  # the defaults
     assert (cert["n0"], cert["n"], cert["n_p"]) == (16, 200, 100)
-    assert cert["confidence"] == pytest.approx(1 - (0.001 + 0.0005 + 0.0005))
+    assert cert["confidence"] == pytest.approx(1 - (0.001 + max(0.001, 0.001)))
     assert cert["inputs"]["split"] == "report" and cert["inputs"]["indices"] == report.index.tolist()
     assert cert["inputs"]["fingerprint"] == report.fingerprint()
     assert not set(cert["inputs"]["indices"]) & set(search.index.tolist()), "held-out inputs are not search inputs"
@@ -506,15 +506,22 @@ def test_a_cifar_resnet_with_batchnorm_exports_and_reloads_bit_for_bit(tmp_path)
         assert torch.equal(deployed(x), loaded(x))
 
 
-def test_a_tail_mode_study_exports_a_certificate_that_names_its_per_input_counts(tmp_path, monkeypatch):
-    """Tail mode end to end: tune, then export; the certificate states the tail settings and the ragged counts."""
-    text = tiny_study("export-tail", seed=4).replace("[irs]\n", "[irs]\nmode = 'tail'\npilot = 8\n")
-    (tmp_path / "tail.toml").write_text(text.replace("trials = 9", "trials = 2\nbaselines = false"))
+@pytest.mark.parametrize("mode", ["tail", "max"])
+def test_a_study_exports_a_certificate_that_names_its_samples_and_level(tmp_path, monkeypatch, mode):
+    """Tune, then export; tail mode (with a pilot) states its settings and ragged counts, max mode its n_p."""
+    extra = "mode = 'tail'\npilot = 8\n" if mode == "tail" else "mode = 'max'\n"
+    text = tiny_study(f"export-{mode}", seed=4).replace("[irs]\n", "[irs]\n" + extra)
+    (tmp_path / "s.toml").write_text(text.replace("trials = 9", "trials = 2\nbaselines = false"))
     monkeypatch.chdir(tmp_path)
-    assert main(["tune", "tail.toml"]) == 0
-    assert main(["export", "tail.toml", "--trial", "0", "--out", "out"]) == 0
+    assert main(["tune", "s.toml"]) == 0
+    assert main(["export", "s.toml", "--trial", "0", "--out", "out"]) == 0
     cert = json.loads((tmp_path / "out/certificate.json").read_text())
-    assert cert["irs_mode"] == "tail" and cert["n_tail"] == 100 and cert["pilot"] == 8 and cert["allocate"]
-    assert cert["confidence"] == pytest.approx(1 - (0.001 + 0.0005))  # alpha + max(alpha_zeta, alpha_d)
-    assert "decided from the last 100 cached samples" in cert["noise"]["samples"]
+    assert cert["irs_mode"] == mode
+    if mode == "tail":
+        assert cert["n_tail"] == 100 and cert["pilot"] == 8 and cert["allocate"]
+        assert cert["confidence"] == pytest.approx(1 - (0.001 + 0.001))  # alpha + max(alpha_zeta, alpha_d)
+        assert "decided from the last 100 cached samples" in cert["noise"]["samples"]
+    else:
+        assert "n_tail" not in cert and cert["confidence"] == pytest.approx(1 - (0.001 + 0.001 + 0.001))
+        assert "the first 100 estimation samples, replayed" in cert["noise"]["samples"]
     assert cert["search"]["reproduced_acr"] == pytest.approx(cert["search"]["acr"])

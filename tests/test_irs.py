@@ -48,7 +48,7 @@ def test_replaying_f_itself_reproduces_the_cached_predictions_exactly(base):
 
 def test_irs_of_f_itself(base):
     model, inputs, cache = base
-    settings = IRSSettings(n_p=N_P, alpha_zeta=0.001, alpha_d=0.001)
+    settings = IRSSettings(n_p=N_P, alpha_zeta=0.001, alpha_d=0.001, mode=Mode.MAX)
     result = certify_irs(model, inputs.x, cache, settings)
     ok = cache.certified
     assert np.array_equal(result.evaluated, ok)
@@ -69,7 +69,7 @@ def test_irs_of_f_itself(base):
 def test_irs_of_an_approximation_matches_the_definition(base, rule):
     model, inputs, cache = base
     approx = perturbed(model, 0.3)
-    settings = IRSSettings(n_p=N_P, alpha_zeta=0.0005, alpha_d=0.0005, zeta=rule)
+    settings = IRSSettings(n_p=N_P, alpha_zeta=0.0005, alpha_d=0.0005, mode=Mode.MAX, zeta=rule)
     result = certify_irs(approx, inputs.x, cache, settings, batch_size=50)
     rows = np.flatnonzero(cache.certified)
     preds = replay(approx, inputs.x, cache, rows, N_P)
@@ -127,10 +127,16 @@ def test_gamma_mode_switches_on_cached_p_a(base):
     assert IRSSettings(n_p=1, mode=Mode.GAMMA, alpha_zeta=0.001, alpha_d=ALPHA).total_alpha(ALPHA) == ALPHA + 0.001
 
 
+def test_defaults_are_tail_mode_at_total_level_alpha_plus_0_001():
+    settings = IRSSettings(n_p=N_P)
+    assert (settings.mode, settings.zeta, settings.alpha_zeta, settings.alpha_d) == (Mode.TAIL, Zeta.LOSS, 0.001, 0.001)
+    assert settings.total_alpha(ALPHA) == pytest.approx(ALPHA + 0.001)
+
+
 def test_bad_settings(base):
     model, inputs, cache = base
     with pytest.raises(ValueError, match="exceeds the cache's n"):
-        certify_irs(model, inputs.x, cache, IRSSettings(n_p=N + 1))
+        certify_irs(model, inputs.x, cache, IRSSettings(n_p=N + 1, mode=Mode.MAX))
     with pytest.raises(ValueError, match="alpha_zeta"):
         IRSSettings(n_p=10, alpha_zeta=0.5)
     with pytest.raises(ValueError, match="n_p"):
@@ -151,7 +157,7 @@ def test_no_certified_input_gives_zero_radii_without_sampling(base):
 @pytest.mark.parametrize(
     "settings",
     [
-        IRSSettings(n_p=N_P),
+        IRSSettings(n_p=N_P, mode=Mode.MAX),
         IRSSettings(n_p=N_P, mode=Mode.GAMMA, gamma=0.9),
         IRSSettings(n_p=N_P, mode=Mode.TAIL, alpha_zeta=0.001, alpha_d=0.001, pilot=16, block=8),
     ],
