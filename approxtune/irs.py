@@ -622,13 +622,13 @@ class IRSRun:
             chosen,
             use_direct,
             self.disagreements,
+            self.losses,
             zeta,
             self.hits,
             self.counts,
         )
         out.n_tail = self.n_tail
         out.pilot_samples = self.pilot_samples
-        out.losses[self.rows] = self.losses
         return out
 
 
@@ -640,6 +640,7 @@ def _result(
     radius: np.ndarray,
     use_direct: np.ndarray,
     disagreements: np.ndarray,
+    losses: np.ndarray,
     zeta: np.ndarray,
     direct_count: np.ndarray,
     counts: np.ndarray | int,
@@ -661,6 +662,7 @@ def _result(
     out.radius[rows] = radius
     out.evaluated[rows] = True
     out.disagreements[rows] = disagreements
+    out.losses[rows] = losses
     out.zeta[rows] = zeta
     out.direct_count[rows] = direct_count
     out.direct_won[rows] = use_direct & (radius > 0)
