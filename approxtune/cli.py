@@ -84,6 +84,7 @@ def _cache(study: Study, model: torch.nn.Module, split: str, device: torch.devic
             device=device,
             progress=advance,
             on_rebuild=lambda why: console.print(f"[yellow]Rebuilding {study.cache_path(split)}[/]: {why}"),
+            on_adopt=console.print,
         )
     verb = "Wrote" if built else "Reusing"
     console.print(f"{verb} the base cache {study.cache_path(split)}")
@@ -118,6 +119,7 @@ def _certify_split(study: Study, args: argparse.Namespace, device: torch.device)
     inputs = pipeline.load_inputs(study, args.split)
     path = study.cache_path(args.split)
     expected = pipeline.expected_meta(study, model, inputs, args.split)
+    pipeline.adopt_legacy_cache(study, args.split, expected, console.print)
     c = study.certify
     settings = pipeline.certify_settings(study, args.split)
     existing = _matching_cache(path, expected)

@@ -9,6 +9,8 @@ the key and the fix; the command line turns it into a one-line error and exit co
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import tomllib
 import typing
 from dataclasses import dataclass, field, fields
@@ -166,7 +168,24 @@ class Study:
         return self.search.storage or f"sqlite:///{self.output_dir / 'study.db'}"
 
     def cache_path(self, split: str) -> Path:
-        """Base cache of the ``search`` or ``report`` inputs."""
+        """Base cache of the ``search`` or ``report`` inputs: ``base-<split>-sigma<σ>-n<n>-<key>.cache``.
+
+        ``key`` is 8 hex digits of SHA-256 over every other study setting the cache depends on (n0, alpha, the study
+        seed, the dataset, split_seed and the input counts that select the split), so studies that share an
+        output_dir but differ in one of them keep separate caches instead of overwriting each other's.  A changed
+        model checkpoint still rebuilds the cache in place.
+        """
+        c, d = self.certify, self.data
+        counts = {"report_inputs": d.report_inputs}
+        if split == "search":  # a real dataset's search inputs follow its report inputs in one permutation
+            counts["search_inputs"] = d.search_inputs
+        settings = {"n0": c.n0, "alpha": c.alpha, "seed": self.study.seed, "dataset": d.dataset}
+        settings |= {"split_seed": d.split_seed, **counts}
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+        return self.legacy_cache_path(split).with_name(f"base-{split}-sigma{c.sigma:g}-n{c.n}-{key}.cache")
+
+    def legacy_cache_path(self, split: str) -> Path:
+        """The name base caches had before :meth:`cache_path` encoded all their settings (sigma and n only)."""
         c = self.certify
         return self.output_dir / f"base-{split}-sigma{c.sigma:g}-n{c.n}.cache"
 

@@ -623,6 +623,7 @@ def _recheck_irs(
             device=device,
             progress=advance,
             on_rebuild=lambda why: say(f"Rebuilding {study.cache_path('report')}: {why}"),
+            on_adopt=say,
         )
     say(f"{'Wrote' if built else 'Reusing'} the base cache {study.cache_path('report')}")
     budget = int(cache.certified.sum()) * settings.n_p  # tail mode spends at most this, the pilot included

@@ -6,6 +6,7 @@ study, (re)building it otherwise — so that ``approxtune tune`` runs from a fre
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +28,15 @@ from approxtune.data import DataError, Inputs, dataset_size, digits_splits, read
 from approxtune.models import CheckpointError, load_checkpoint, save_checkpoint
 from approxtune.training import train_model
 
-__all__ = ["TRAINABLE", "ensure_cache", "ensure_model", "load_inputs", "resolve_device", "split_indices"]
+__all__ = [
+    "TRAINABLE",
+    "adopt_legacy_cache",
+    "ensure_cache",
+    "ensure_model",
+    "load_inputs",
+    "resolve_device",
+    "split_indices",
+]
 
 TRAINABLE = ("digits-cnn",)
 """Architectures that `approxtune train` can train on the study's own data."""
@@ -159,6 +168,28 @@ def noise_seed(study: Study, split: str) -> int:
     return study.study.seed * 2 + (split == "report")
 
 
+def adopt_legacy_cache(
+    study: Study, split: str, expected: CacheMeta, on_adopt: Callable[[str], None] | None = None
+) -> bool:
+    """Rename a cache under :meth:`~approxtune.config.Study.legacy_cache_path` to ``cache_path`` if it matches.
+
+    Only a complete cache whose metadata is ``expected`` is renamed, and only when nothing is at the new path, so an
+    hours-long certification made before cache names held every setting is kept rather than recomputed.  Returns
+    whether a cache was renamed (``on_adopt`` is told, in a sentence).
+    """
+    old, new = study.legacy_cache_path(split), study.cache_path(split)
+    if new.exists() or not old.is_dir():
+        return False
+    try:
+        load_cache(old).check(expected)
+    except CacheError:
+        return False
+    os.replace(old, new)
+    if on_adopt is not None:
+        on_adopt(f"Renamed the base cache {old} to {new} (cache names now hold every setting they depend on)")
+    return True
+
+
 def ensure_cache(
     study: Study,
     model: nn.Module,
@@ -168,13 +199,16 @@ def ensure_cache(
     device: torch.device,
     progress: Callable[[int], None] | None = None,
     on_rebuild: Callable[[str], None] | None = None,
+    on_adopt: Callable[[str], None] | None = None,
 ) -> tuple[BaseCache, bool]:
     """Load the base cache of ``split`` if it matches the study, else certify g and write it.
 
-    Returns the cache and whether it was (re)built.  ``on_rebuild`` is told why an existing cache was not reused.
+    Returns the cache and whether it was (re)built.  ``on_rebuild`` is told why an existing cache was not reused,
+    ``on_adopt`` that a cache under the old name was renamed (see :func:`adopt_legacy_cache`).
     """
     path = study.cache_path(split)
     expected = expected_meta(study, model, inputs, split)
+    adopt_legacy_cache(study, split, expected, on_adopt)
     if path.exists():
         try:
             cache = load_cache(path)

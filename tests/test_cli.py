@@ -4,6 +4,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from _studies import tiny_study
 from _wsgi import wsgi_get
 
 from approxtune.cli import main
+from approxtune.config import load_study
 
 TINY = tiny_study("tiny", seed=1)
 
@@ -34,7 +36,8 @@ def test_tune_creates_model_cache_study_and_front(tuned):
     root, _ = tuned
     out = root / "runs" / "tiny"
     assert (out / "model.pt").is_file() and (out / "front.png").stat().st_size > 1000
-    assert (out / "base-search-sigma0.5-n200.cache" / "predictions.npy").is_file()
+    cache = root / load_study(root / "tiny.toml").cache_path("search")
+    assert cache.parent == out and (cache / "predictions.npy").is_file()
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'study.db'}")
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(trials) == 9
@@ -209,3 +212,40 @@ def test_allocator_setting_can_be_turned_off(monkeypatch):
     assert tune_malloc() is False
     monkeypatch.delenv("APPROXTUNE_MALLOC")
     assert tune_malloc() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_a_cache_under_the_old_name_is_renamed_not_recomputed_and_other_settings_keep_their_own(
+    tuned, tmp_path, capsys
+):
+    root, _ = tuned
+    study_file = tmp_path / "tiny.toml"
+    study_file.write_text(TINY)
+    study = load_study(study_file)
+    out = tmp_path / "runs" / "tiny"
+    out.mkdir(parents=True)
+    shutil.copy(root / "runs/tiny/model.pt", out / "model.pt")
+    legacy = tmp_path / study.legacy_cache_path("search")
+    shutil.copytree(root / study.cache_path("search"), legacy)
+    before = {p.name: p.read_bytes() for p in legacy.iterdir()}
+    capsys.readouterr()
+
+    assert main_in(tmp_path, ["certify", str(study_file)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Renamed the base cache" in err and "Reusing the base cache" in err and "Wrote" not in err, err
+    new = tmp_path / study.cache_path("search")
+    assert not legacy.exists() and {p.name: p.read_bytes() for p in new.iterdir()} == before
+
+    # Another n0 in the same output_dir certifies into a cache of its own and leaves the first one as it was.
+    other = tmp_path / "other.toml"
+    other.write_text(TINY.replace("n0 = 16", "n0 = 8"))
+    assert main_in(tmp_path, ["certify", str(other)]) == 0
+    assert "Wrote the base cache" in capsys.readouterr().err
+    assert (tmp_path / load_study(other).cache_path("search") / "meta.json").is_file()
+    assert {p.name: p.read_bytes() for p in new.iterdir()} == before
+
+    # An old-named cache of other settings is left where it is (and a fresh one is certified).
+    shutil.move(new, legacy)
+    third = tmp_path / "third.toml"
+    third.write_text(TINY.replace("seed = 1", "seed = 2"))
+    assert main_in(tmp_path, ["certify", str(third)]) == 0
+    assert "Renamed" not in capsys.readouterr().err and legacy.is_dir()

@@ -24,6 +24,31 @@ def test_defaults(tmp_path):
     assert study.search.race == [0.125, 0.25, 0.5]
 
 
+def test_cache_paths_differ_in_every_setting_the_cache_depends_on(tmp_path):
+    def paths(text):
+        study = load_study(write(tmp_path, text))
+        return study.cache_path("search"), study.cache_path("report")
+
+    search, report = paths("")
+    assert search.parent == Path("runs/s") and search.name.startswith("base-search-sigma0.5-n2000-")
+    assert report.name.startswith("base-report-sigma0.5-n2000-") and search.suffix == report.suffix == ".cache"
+    for text in (
+        "[certify]\nn0 = 32",
+        "[certify]\nalpha = 0.01",
+        "[certify]\nsigma = 0.25",
+        "[certify]\nn = 1000",
+        "[study]\nseed = 1",
+        "[data]\nsplit_seed = 1",
+        "[data]\nreport_inputs = 100",  # a real dataset's search inputs follow its report inputs
+        "[data]\ndataset = 'cifar10'\nroot = 'x'",
+    ):
+        other_search, other_report = paths(text)
+        assert other_search != search and other_report != report, text
+    other_search, other_report = paths("[data]\nsearch_inputs = 100")
+    assert other_search != search and other_report == report, "the report inputs do not depend on the search count"
+    assert paths("[irs]\nn_p = 100\n[search]\ntrials = 5\n[certify]\nbatch_size = 64") == (search, report)
+
+
 def test_tail_mode_keys_reach_the_irs_settings(tmp_path):
     text = "[irs]\nmode = 'tail'\nn_tail = 1500\nn_p = 300\npilot = 16\nallocate = false\nblock = 8"
     settings = load_study(write(tmp_path, text)).irs_settings

@@ -138,7 +138,7 @@ def test_export_by_trial_writes_compressed_weights_a_deployable_and_a_held_out_c
     assert cert["search"]["certified_accuracy"] == int8.user_attrs["certified_accuracy"]
     assert cert["search"]["reproduced_acr"] == int8.values[0], "the exported model reproduces the trial's search ACR"
     assert cert["search"]["trials_compared"] == 9 and "winner's curse" in cert["explanation"]
-    assert (root / "runs/export-tiny/base-report-sigma0.5-n200.cache/meta.json").is_file()
+    assert (root / s.cache_path("report") / "meta.json").is_file()
 
     # The certificate and the front plot are Optuna artifacts of the trial.
     metas = _trial_artifacts(root, int8.number)
@@ -246,6 +246,7 @@ def _bad_cases(root, fail_number):
         + f'storage = "sqlite:///{root / "runs/export-tiny/study.db"}"\n'
         + '[model]\ncheckpoint = "runs/export-tiny/model.pt"\n'
     )
+    nocache = load_study(root / "nocache.toml")
     (root / "occupied").mkdir(exist_ok=True)
     (root / "occupied" / "keep.txt").write_text("not an export")
     return {
@@ -258,7 +259,7 @@ def _bad_cases(root, fail_number):
             ["--trial", 0, "@nostudy.toml"],
             "no study 'no-such-study' in sqlite:///runs/export-tiny/study.db",
         ),
-        "no cache": (["--trial", 0, "@nocache.toml"], "the search cache runs/nocache/base-search-sigma0.5-n200.cache"),
+        "no cache": (["--trial", 0, "@nocache.toml"], f"the search cache {nocache.cache_path('search')} is missing"),
         "exists": (["--trial", 0, "--out", root / "occupied"], "already exists; pass --force to replace it"),
         "not export": (
             ["--trial", 0, "--out", root / "occupied", "--force"],

@@ -123,7 +123,7 @@ def test_cifar10_certify_caches_the_expected_test_images(cifar_run) -> None:
     work, (_, labels), _ = cifar_run
     expected = _expected(CIFAR_IMAGES, SPLIT_SEED, REPORT, SEARCH)
     for split in ("search", "report"):
-        cache = load_cache(work / f"runs/cifar-e2e/base-{split}-sigma0.5-n64.cache")
+        cache = load_cache(work / load_study(work / "cifar.toml").cache_path(split))
         assert cache.index.tolist() == expected[split], "cache rows are the split's images, in dataset order"
         assert cache.label.tolist() == [labels[i] for i in expected[split]]
         assert cache.predictions.shape == (len(expected[split]), 64)
@@ -170,5 +170,5 @@ def test_tensor_file_certify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert main(["certify", "t.toml", "--split", "report"]) == 0
     expected = _expected(30, 2, 4, 6)
     for split in ("search", "report"):
-        cache = load_cache(tmp_path / f"runs/t/base-{split}-sigma0.5-n64.cache")
+        cache = load_cache(tmp_path / load_study(tmp_path / "t.toml").cache_path(split))
         assert cache.index.tolist() == expected[split] and cache.label.tolist() == labels[expected[split]].tolist()
