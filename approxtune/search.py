@@ -47,10 +47,9 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-import numpy as np
 import optuna
 import torch
 from torch import nn
@@ -127,7 +126,6 @@ class TrialResult:
     confidence: float
     samples: int
     seconds: float
-    radii: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
     same_as: int | None = None
     """The earlier trial of the same configuration whose result this is (no sample evaluated), if any."""
 
@@ -137,14 +135,14 @@ class TrialResult:
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> TrialResult:
-        """The result a complete trial recorded (:meth:`to_attrs`), without the per-input radii."""
-        kept = {f.name for f in fields(cls)} - {"config", "radii"}
+        """The result a complete trial recorded (:meth:`to_attrs`)."""
+        kept = {f.name for f in fields(cls)} - {"config"}
         values = {k: v for k, v in attrs.items() if k in kept}
         values["mean_zeta"] = math.nan if values.get("mean_zeta") is None else values["mean_zeta"]
         return cls(config=ApproximationConfig.from_dict(attrs["config"]), **values)
 
     def to_attrs(self) -> dict:
-        attrs = {k: v for k, v in asdict(self).items() if k not in ("config", "radii")}
+        attrs = {k: v for k, v in asdict(self).items() if k != "config"}
         attrs["config"] = self.config.to_dict()
         attrs["summary"] = self.config.summary()
         attrs["mean_zeta"] = None if math.isnan(self.mean_zeta) else self.mean_zeta
@@ -233,7 +231,6 @@ def evaluate(
         confidence=1.0 - result.alpha,
         samples=result.samples,
         seconds=time.perf_counter() - start,
-        radii=result.radius,
     )
 
 
