@@ -66,7 +66,7 @@ class TrainSection:
 class CertifySection:
     sigma: float = 0.5
     n0: int = 64
-    n: int = 2000
+    n: int = 10000
     alpha: float = 0.001
     batch_size: int = 512
     device: str = "auto"

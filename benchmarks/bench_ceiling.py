@@ -41,6 +41,7 @@ alpha^(1/n_p))`` in place of the loss bound, a width no sound bound is known to 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -59,14 +60,8 @@ from approxtune.irs import replay
 from approxtune.statistics import lower_confidence_bound, radius, upper_confidence_bound
 
 GRID_STEP = 4
-SCENARIOS = (  # (base n, n_p, zeta); None: the study's own
-    (None, None, "loss"),
-    (10_000, None, "loss"),
-    (50_000, None, "loss"),
-    (None, None, "signed"),
-    (10_000, None, "signed"),
-    (50_000, None, "signed"),
-)
+MODEL_N = (2_000, 10_000, 50_000)
+"""Base sample counts the plug-in model is evaluated at (besides the study's own n), each with both zeta bounds."""
 MODEL_ALPHA = 0.001
 
 
@@ -162,8 +157,8 @@ def main() -> None:
         radii = ideal_radii(p, d, loss + gain - d**2, grid, alpha, sigma)
         allocated, uniform = fewest_samples(radii, grid, row["acr_irs"] * n_inputs)
         models = {}
-        for base_n, n_p, zeta in SCENARIOS:
-            base_n, n_p = base_n or n, n_p or study.irs.n_p
+        n_p = study.irs.n_p
+        for zeta, base_n in itertools.product(("loss", "signed"), sorted({n, *MODEL_N})):
             model_radii, model_samples = model_irs(p, loss, gain, p_hit.mean(axis=1), base_n, n_p, zeta, sigma)
             scratch = model_scratch(p_hit.mean(axis=1), model_radii.sum(), n_inputs, study.certify.n0, sigma)
             models[f"n={base_n} n_p={n_p} {zeta}"] = {

@@ -120,7 +120,7 @@ def test_dashboard_serves_the_study(tuned):
     [
         ("[certify]\nsigma = -1", "certify.sigma must be positive"),
         ("[certify\n", "not valid TOML"),
-        ("[irs]\nn_p = 5000", "irs.n_p must lie in"),
+        ("[irs]\nn_p = 10001", "irs.n_p must lie in"),
         ("[certfy]\n", "did you mean [certify]"),
         ("[model]\narch = 'cifar_resnet20'\ncheckpoint = 'missing.pt'", "missing.pt does not exist"),
         ("[model]\narch = 'resnet9000'", "model.arch = 'resnet9000' is not one of"),

@@ -30,8 +30,8 @@ def test_cache_paths_differ_in_every_setting_the_cache_depends_on(tmp_path):
         return study.cache_path("search"), study.cache_path("report")
 
     search, report = paths("")
-    assert search.parent == Path("runs/s") and search.name.startswith("base-search-sigma0.5-n2000-")
-    assert report.name.startswith("base-report-sigma0.5-n2000-") and search.suffix == report.suffix == ".cache"
+    assert search.parent == Path("runs/s") and search.name.startswith("base-search-sigma0.5-n10000-")
+    assert report.name.startswith("base-report-sigma0.5-n10000-") and search.suffix == report.suffix == ".cache"
     for text in (
         "[certify]\nn0 = 32",
         "[certify]\nalpha = 0.01",
@@ -90,7 +90,7 @@ def test_digits_variants_differ_only_in_sigma():
         ("[certify]\nsigma = -1", "certify.sigma must be positive"),
         ("[certify]\nalpha = 0.5", r"certify.alpha must lie in \(0, 0.5\)"),
         ("[certify]\nalpha = 0", r"certify.alpha must lie in \(0, 0.5\)"),
-        ("[irs]\nn_p = 2001", r"irs.n_p must lie in \[1, certify.n = 2000\]"),
+        ("[irs]\nn_p = 10001", r"irs.n_p must lie in \[1, certify.n = 10000\]"),
         ("[irs]\nalpha_zeta = 0.7", "irs.alpha_zeta must lie in"),
         ("[irs]\nmode = 'maximum'", "irs.mode = 'maximum' is not one of max, gamma"),
         ("[irs]\nzeta = 'losses'", "irs.zeta = 'losses' is not one of loss, disagreement"),
@@ -99,9 +99,9 @@ def test_digits_variants_differ_only_in_sigma():
         ("[search]\nsampler = 'tpe2'", "did you mean 'tpe'"),
         ("[search.constraints]\nmax_size = 0.5", "did you mean 'max_size_ratio'"),
         ("[data]\ndataset = 'cifar10'", "data.root must name the folder"),
-        ("[irs]\nn_tail = 2000", r"irs.n_tail must lie in \[0, certify.n = 2000\)"),
+        ("[irs]\nn_tail = 10000", r"irs.n_tail must lie in \[0, certify.n = 10000\)"),
         ("[irs]\nblock = 0", "irs.block must be >= 1"),
-        ("[irs]\nmode = 'tail'\nn_p = 1200", "n_p = 1200 reaches into the tail"),
+        ("[irs]\nmode = 'tail'\nn_p = 6000", "n_p = 6000 reaches into the tail"),
         ("[irs]\nmode = 'tail'\npilot = 400", "pilot = 400 must be below n_p = 400"),
         ("[search]\nrace = [0.5, 0.25]", "search.race must list increasing fractions"),
         ("[search]\nrace = [1.0]", "search.race must list increasing fractions"),
