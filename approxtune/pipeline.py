@@ -184,7 +184,10 @@ def adopt_legacy_cache(
         load_cache(old).check(expected)
     except CacheError:
         return False
-    os.replace(old, new)
+    try:
+        os.replace(old, new)
+    except OSError:  # another process (a shard on another machine) renamed it first
+        return False
     if on_adopt is not None:
         on_adopt(f"Renamed the base cache {old} to {new} (cache names now hold every setting they depend on)")
     return True

@@ -5,6 +5,7 @@ Real datasets are written in their exact on-disk formats (``_realdata_formats``)
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -307,3 +308,32 @@ def test_cuda_without_a_gpu_exits_2_cleanly(
     err = _plain(capsys.readouterr().err)
     assert err == "error: device cuda was requested, but torch sees no CUDA device; use --device cpu"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.toml"], "nothing was written (no training started)"
+
+
+def test_adopting_an_old_named_cache_renames_only_a_match_and_tolerates_a_racing_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from approxtune.cache import build_base_cache
+
+    monkeypatch.chdir(tmp_path)
+    study = load_study(_study(tmp_path / "s.toml", search_inputs=4))
+    torch.manual_seed(0)
+    model = build_model("digits-cnn")
+    inputs = pipeline.load_inputs(study, "search")
+    expected = pipeline.expected_meta(study, model, inputs, "search")
+    old = study.legacy_cache_path("search")
+    build_base_cache(model, inputs, old, pipeline.certify_settings(study, "search"))
+
+    assert not pipeline.adopt_legacy_cache(study, "search", dataclasses.replace(expected, n0=expected.n0 + 1))
+    assert old.is_dir(), "a cache of other settings stays where it is"
+
+    def renamed_by_another_process(src, dst):
+        raise FileNotFoundError(src)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.os, "replace", renamed_by_another_process)
+        assert not pipeline.adopt_legacy_cache(study, "search", expected)
+    said = []
+    assert pipeline.adopt_legacy_cache(study, "search", expected, said.append)
+    assert not old.exists() and study.cache_path("search").is_dir() and "Renamed the base cache" in said[0]
+    assert not pipeline.adopt_legacy_cache(study, "search", expected), "nothing left to adopt"
