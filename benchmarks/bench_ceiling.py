@@ -52,7 +52,7 @@ import numpy as np
 import optuna
 import torch
 from _machine import cpu_model
-from bench_study import load_tuned
+from bench_study import load_tuned, write_with_notes
 from scipy.stats import norm
 
 from approxtune.approximation import ApproximationConfig, apply_approximation
@@ -272,12 +272,7 @@ def write_report(data: dict, out: Path) -> None:
             f"| {scratch_model / sum(c['samples'] for c in cells):.2f}× | {median_ratio(True)} | {median_ratio(False)} "
             f"| {scratch_model / sum(c['samples'] for c in front_cells):.2f}× |"
         )
-    lines += ["", "<!-- notes: kept when the script rewrites the tables above -->"]
-    path = out.with_suffix(".md")
-    notes = ""
-    if path.exists() and "<!-- notes" in path.read_text():
-        notes = path.read_text().split("<!-- notes: kept when the script rewrites the tables above -->", 1)[1]
-    path.write_text("\n".join(lines) + notes + ("" if notes else "\n"))
+    write_with_notes(out.with_suffix(".md"), lines)
 
 
 if __name__ == "__main__":

@@ -290,10 +290,14 @@ def write_report(data: dict, out: Path) -> None:
             f"{su['scratch_seconds'] / su['front_irs_seconds']:.2f}× / "
             f"{su['scratch_samples'] / su['front_irs_samples']:.2f}× |"
         )
-    path = out.with_suffix(".md")
+    write_with_notes(out.with_suffix(".md"), lines)
+    print(out.with_suffix(".md").read_text())
+
+
+def write_with_notes(path: Path, lines: list[str]) -> None:
+    """Write ``lines`` (the generated tables), then NOTES and the notes ``path`` already had below it."""
     notes = path.read_text().split(NOTES, 1)[1] if path.exists() and NOTES in path.read_text() else "\n"
     path.write_text("\n".join(lines) + "\n\n" + NOTES + notes)
-    print(path.read_text())
 
 
 if __name__ == "__main__":
