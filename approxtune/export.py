@@ -755,6 +755,10 @@ def export_trial(
     if on_chosen is not None:
         on_chosen(chosen, reason)
 
+    base = load_checkpoint(study.checkpoint, study.model.arch)
+    search_inputs = pipeline.load_inputs(study, "search")
+    expected = pipeline.expected_meta(study, base, search_inputs, "search")
+    pipeline.adopt_legacy_cache(study, "search", expected, say)
     cache_path = study.cache_path("search")
     try:
         search_cache = load_cache(cache_path)
@@ -769,15 +773,13 @@ def export_trial(
             f"the search cache {cache_path} is not the one study {study.name!r} was tuned against (its fingerprint "
             f"differs from the study's); recreate it with `approxtune certify {study_file}` and the study's settings"
         )
-    base = load_checkpoint(study.checkpoint, study.model.arch)
-    if model_fingerprint(base) != search_cache.meta.model_fingerprint:
+    if expected.model_fingerprint != search_cache.meta.model_fingerprint:
         raise ExportError(
             f"the checkpoint {study.checkpoint} is not the model study {study.name!r} was tuned with (its fingerprint "
             "differs from the search cache's); restore that checkpoint"
         )
     device = torch.device(device)
     report_inputs = pipeline.load_inputs(study, "report")
-    search_inputs = pipeline.load_inputs(study, "search")
     c, settings = study.certify, study.irs_settings
     complete = len(optuna_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
     started = time.perf_counter()

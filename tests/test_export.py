@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -526,3 +527,17 @@ def test_a_study_exports_a_certificate_that_names_its_samples_and_level(tmp_path
         assert "n_tail" not in cert and cert["confidence"] == pytest.approx(1 - (0.001 + 0.001 + 0.001))
         assert "the first 100 estimation samples, replayed" in cert["noise"]["samples"]
     assert cert["search"]["reproduced_acr"] == pytest.approx(cert["search"]["acr"])
+
+
+def test_export_adopts_an_old_named_search_cache(tuned, tmp_path, monkeypatch, capsys):
+    root = tmp_path / "copy"
+    shutil.copytree(tuned, root, ignore=shutil.ignore_patterns("exports"))
+    study = load_study(root / "tiny.toml")
+    old, new = root / study.legacy_cache_path("search"), root / study.cache_path("search")
+    shutil.move(new, old)
+    capsys.readouterr()
+    assert _run(root, monkeypatch, "--trial", 0, "--out", root / "exports" / "fp32") == 0
+    captured = capsys.readouterr()
+    said = " ".join((captured.out + captured.err).split())
+    assert f"Renamed the base cache {study.legacy_cache_path('search')}" in said, said
+    assert new.is_dir() and not old.exists()
