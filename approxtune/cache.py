@@ -145,6 +145,10 @@ class BaseCache:
     radius: np.ndarray
     seed: np.ndarray
     predictions: np.ndarray
+    memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    """Results derived from this cache alone, computed once per loaded cache (tail mode's plan without a pilot).
+
+    Not an init field, so ``dataclasses.replace`` (a cache with other arrays) starts with an empty memo."""
 
     def __len__(self) -> int:
         return len(self.index)

@@ -450,7 +450,25 @@ def allocate_samples(
 def _tail_plan(
     model_p: nn.Module, x: torch.Tensor, cache: BaseCache, settings: IRSSettings, **kwargs
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
-    """Tail mode's decisions, from the tail alone: ``(rows, counts, use_direct, n_tail, pilot samples spent)``."""
+    """Tail mode's decisions, from the tail alone: ``(rows, counts, use_direct, n_tail, pilot samples spent)``.
+
+    Without a pilot they depend on the cache and the settings only, so they are computed once per loaded cache
+    (``cache.memo``; the arrays are read-only) and every trial of a study reuses them.
+    """
+    if settings.pilot:
+        return _plan_from_tail(model_p, x, cache, settings, **kwargs)
+    key = ("tail plan", settings)
+    if key not in cache.memo:
+        plan = _plan_from_tail(model_p, x, cache, settings, **kwargs)
+        for array in plan[:3]:
+            array.setflags(write=False)
+        cache.memo[key] = plan
+    return cache.memo[key]
+
+
+def _plan_from_tail(
+    model_p: nn.Module, x: torch.Tensor, cache: BaseCache, settings: IRSSettings, **kwargs
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
     n, sigma, alpha = cache.meta.n, cache.meta.sigma, cache.meta.alpha
     n_tail = settings.tail_length(n)
     prefix = n - n_tail

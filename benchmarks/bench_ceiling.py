@@ -49,10 +49,9 @@ import statistics
 from pathlib import Path
 
 import numpy as np
-import optuna
 import torch
 from _machine import cpu_model
-from bench_study import load_tuned, write_with_notes
+from bench_study import finished_trials, load_tuned, write_with_notes
 from scipy.stats import norm
 
 from approxtune.approximation import ApproximationConfig, apply_approximation
@@ -142,8 +141,7 @@ def main() -> None:
     p = f_hit.mean(axis=1)
     grid = np.arange(0, n + 1, GRID_STEP)
     trials = []
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    for trial in optuna_study.get_trials(deepcopy=False, states=finished):
+    for trial in finished_trials(optuna_study):
         row = by_trial[trial.number]
         if row["summary"] != trial.user_attrs["summary"]:
             raise SystemExit(f"trial {trial.number} differs from {args.study_results}: rerun bench_study.py first")

@@ -117,6 +117,13 @@ def load_tuned(path: str):
     return study, optuna_study, model, inputs, cache, base_accuracy
 
 
+def finished_trials(optuna_study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The study's COMPLETE and PRUNED (stopped by racing) trials, in trial order."""
+    return optuna_study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", default="studies/digits.toml")
@@ -149,9 +156,7 @@ def main() -> None:
         rules[name] = (plain, raced, done, search.make_race(raced, base_accuracy, fp32_size, lambda d=done: d))
 
     rows: dict[str, list[dict]] = {name: [] for name in rules}
-    finished = optuna_study.get_trials(
-        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    )
+    finished = finished_trials(optuna_study)
     for i, trial in enumerate(finished):
         config = ApproximationConfig.from_dict(trial.user_attrs["config"])
         approx = apply_approximation(model, config)

@@ -28,10 +28,9 @@ import statistics
 from pathlib import Path
 
 import numpy as np
-import optuna
 import torch
 from _machine import cpu_model
-from bench_study import load_tuned
+from bench_study import finished_trials, load_tuned
 
 from approxtune.approximation import ApproximationConfig, apply_approximation
 from approxtune.irs import replay
@@ -64,8 +63,7 @@ def main() -> None:
     f_preds = np.asarray(cache.predictions[rows, :n_p])
     f_hit = f_preds == c_hat
     trials = []
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    for trial in optuna_study.get_trials(deepcopy=False, states=finished):
+    for trial in finished_trials(optuna_study):
         if trial.user_attrs.get("same_as") is not None:
             continue
         config = ApproximationConfig.from_dict(trial.user_attrs["config"])

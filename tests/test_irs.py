@@ -1,5 +1,6 @@
 """IRS certification against a cache: replay exactness, branch rules, confidence accounting, skipped inputs."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -149,7 +150,7 @@ def test_bad_settings(base):
 
 def test_no_certified_input_gives_zero_radii_without_sampling(base):
     model, inputs, cache = base
-    empty = type(cache)(**{**cache.__dict__, "c_hat": (cache.label + 1) % 3})
+    empty = dataclasses.replace(cache, c_hat=(cache.label + 1) % 3)
     result = certify_irs(model, inputs.x, empty, IRSSettings(n_p=N_P))
     assert result.samples == 0 and result.acr == 0.0 and not result.evaluated.any()
 

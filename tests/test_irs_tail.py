@@ -14,6 +14,7 @@ stopping) is flagged outright.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -193,17 +194,37 @@ def test_decisions_ignore_the_replayed_prefix(small, pilot):
     """Counts and branches are the same whatever f's cached prefix holds and whatever f^p does there."""
     model, approx, inputs, cache = small
     settings = IRSSettings(n_p=100, mode="tail", n_tail=400, pilot=pilot)
-    a = certify_irs(approx, inputs.x, cache, settings)
+    a = certify_irs(approx, inputs.x, dataclasses.replace(cache), settings)  # a fresh memo: the plan is computed
     scrambled = np.array(cache.predictions)
     scrambled[:, : N - 400] = np.random.default_rng(3).integers(0, 3, size=(len(cache), N - 400))
-    other = type(cache)(**{**cache.__dict__, "predictions": scrambled})
-    b = certify_irs(approx, inputs.x, other, settings)
+    b = certify_irs(approx, inputs.x, dataclasses.replace(cache, predictions=scrambled), settings)
     np.testing.assert_array_equal(a.counts, b.counts)
     np.testing.assert_array_equal(a.branch_direct, b.branch_direct)
     if pilot == 0:  # without a pilot f^p plays no part in the decisions at all
-        c = certify_irs(model, inputs.x, cache, settings)
+        c = certify_irs(model, inputs.x, dataclasses.replace(cache), settings)
         np.testing.assert_array_equal(a.counts, c.counts)
         np.testing.assert_array_equal(a.branch_direct, c.branch_direct)
+
+
+def test_the_plan_without_a_pilot_is_computed_once_per_cache(small, monkeypatch):
+    _, approx, inputs, cache = small
+    cache = dataclasses.replace(cache)
+    calls = []
+    real = irs._plan_from_tail
+    monkeypatch.setattr(irs, "_plan_from_tail", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    settings = IRSSettings(n_p=100, mode="tail", n_tail=400)
+    first, second = (certify_irs(approx, inputs.x, cache, settings) for _ in range(2))
+    assert len(calls) == 1, "the second trial reuses the plan"
+    for key in ("radius", "counts", "branch_direct", "losses"):
+        np.testing.assert_array_equal(getattr(first, key), getattr(second, key))
+    rows, counts, branch, _, _ = cache.memo[("tail plan", settings)]
+    assert not (rows.flags.writeable or counts.flags.writeable or branch.flags.writeable)
+    certify_irs(approx, inputs.x, cache, dataclasses.replace(settings, n_p=50))
+    certify_irs(approx, inputs.x, cache, dataclasses.replace(settings, pilot=8))
+    certify_irs(approx, inputs.x, cache, dataclasses.replace(settings, pilot=8))
+    assert len(calls) == 4, "other settings get their own plan; a pilot's plan depends on f^p and is never reused"
+    fresh = certify_irs(approx, inputs.x, dataclasses.replace(cache), settings)
+    np.testing.assert_array_equal(fresh.radius, first.radius)
 
 
 def test_uniform_tail_mode_gives_every_input_n_p(small):
