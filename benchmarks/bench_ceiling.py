@@ -55,8 +55,8 @@ from bench_study import finished_trials, load_tuned, write_with_notes
 from scipy.stats import norm
 
 from approxtune.approximation import ApproximationConfig, apply_approximation
-from approxtune.irs import replay
-from approxtune.statistics import lower_confidence_bound, radius, upper_confidence_bound
+from approxtune.irs import plausible_radii, replay
+from approxtune.statistics import lower_confidence_bound, radius
 
 GRID_STEP = 4
 MODEL_N = (2_000, 10_000, 50_000)
@@ -97,16 +97,20 @@ def fewest_samples(radii: np.ndarray, grid: np.ndarray, target_sum: float) -> tu
 
 
 def model_irs(p, loss, gain, q, n: int, n_p: int, zeta: str, sigma: float) -> tuple[np.ndarray, int]:
-    """Plug-in IRS radii (per certified input) and samples: the larger of the zeta and direct radii per input."""
-    p_a = lower_confidence_bound(np.round(p * n), n, MODEL_ALPHA)
-    if zeta == "loss":
-        bound = upper_confidence_bound(np.round(loss * n_p), n_p, MODEL_ALPHA)
-    else:
+    """Plug-in IRS radii (per certified input) and samples: the larger of the zeta and direct radii per input.
+
+    Both are tail mode's :func:`~approxtune.irs.plausible_radii` with the replay's rates as the expected ones (zeta
+    on the losses, f^p's frequency ``q``); ``"signed"`` replaces the zeta radius by the idealised bound on losses
+    minus gains.
+    """
+    levels = {"n": n, "alpha": MODEL_ALPHA, "alpha_zeta": MODEL_ALPHA, "alpha_d": MODEL_ALPHA, "sigma": sigma}
+    r_direct, r_zeta = plausible_radii(p, n_p, d=loss, drop=p - q, **levels)
+    if zeta == "signed":
         d = loss - gain
         width = norm.ppf(1 - MODEL_ALPHA) * np.sqrt((loss + gain - d**2) / n_p)
-        bound = d + np.maximum(width, 1 - MODEL_ALPHA ** (1 / n_p))
-    r_direct = radius(lower_confidence_bound(np.round(q * n_p), n_p, MODEL_ALPHA), sigma)
-    radii = np.maximum(radius(p_a - bound, sigma), r_direct)
+        p_a = lower_confidence_bound(np.round(p * n), n, MODEL_ALPHA)
+        r_zeta = radius(p_a - d - np.maximum(width, 1 - MODEL_ALPHA ** (1 / n_p)), sigma)
+    radii = np.maximum(r_zeta, r_direct)
     return radii, n_p * int(np.count_nonzero(radii))
 
 
