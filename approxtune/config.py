@@ -78,7 +78,8 @@ class IRSSection:
     n_p: int = 400
     mode: str = "tail"
     zeta: str = "loss"
-    """What the zeta bound counts: "loss" (f = c_hat != f^p; never a smaller radius) or "disagreement" (the paper)."""
+    """What the zeta bound counts: "loss" (f = c_hat != f^p; never a smaller radius), "disagreement" (the paper) or
+    "signed" (losses minus gains, a betting bound)."""
     alpha_zeta: float = 0.001
     alpha_d: float = 0.001
     gamma: float = 0.99

@@ -47,9 +47,23 @@ wrong only if the base bound (A) or the loss bound (Z, a Clopper-Pearson bound o
 ``alpha_zeta``) failed: the same events and the same confidence as the paper's zeta.  The losses are a subset of
 the disagreements on every sample, and the bound is monotone in the count, so ``zeta_loss`` is never larger and the
 zeta radius never smaller.  ``zeta = "loss"`` (default) counts losses, ``"disagreement"`` reproduces the paper.
-(Adding back the gains, f^p = c_hat where f had another class, needs a second bound and a split of ``alpha_zeta``;
-on the default study's trials that adds 1 % to the zeta radius alone and loses a little in mode "max":
-benchmarks/zeta_results.md.)
+
+``zeta = "signed"`` adds back the *gains* (f^p = c_hat where f had another class) without splitting ``alpha_zeta``.
+With ``D = 1{f^p = c_hat} - 1{f = c_hat}`` on each sample, exactly
+
+    P(f^p = c_hat) = P(f = c_hat) + E[D] >= p_a - zeta_signed,
+    zeta_signed = max(-(1 - p_a) / 2, -LB(E[D])),
+
+with ``LB`` a ``1 - alpha_zeta`` lower bound on the mean of the i.i.d. values ``D`` (in {-1, 0, 1}) computed by
+betting (:func:`approxtune.statistics.betting_lower_bound` on ``(D + 1) / 2``, :func:`signed_zeta`; the floor keeps
+``p_a - zeta`` below 1 and so every radius finite): wrong only if
+the base bound (A) or that one bound (Z) failed, the same events and confidence as the other rules.  A Clopper-Pearson
+bound needs 0/1 values, so a count-based bound on losses minus gains would need two bounds and a split of
+``alpha_zeta``, which costs more than the gains return (benchmarks/zeta_results.md).  The betting bound's width
+follows the variance of D, so it wins where f^p both loses and gains c_hat on a few percent of the samples (pruned
+models), and it is slightly wider than Clopper-Pearson where f^p never disagrees.  It reads the replayed values in
+order: IRSRun keeps them, and racing's optimistic bound (:meth:`IRSRun.upper_acr`) must allow a gain on every
+remaining sample where f misses c_hat, so it stops fewer trials than with the other rules.
 
 Tail mode: decisions from samples that f^p never sees
 ------------------------------------------------------
@@ -106,7 +120,14 @@ from torch import nn
 from approxtune.cache import BaseCache
 from approxtune.certification import DEFAULT_BATCH_SIZE, Progress, predict_under_noise
 from approxtune.noise import Stream
-from approxtune.statistics import acr, certified_accuracy, lower_confidence_bound, radius, upper_confidence_bound
+from approxtune.statistics import (
+    acr,
+    betting_lower_bound,
+    certified_accuracy,
+    lower_confidence_bound,
+    radius,
+    upper_confidence_bound,
+)
 
 __all__ = [
     "IRSResult",
@@ -119,6 +140,8 @@ __all__ = [
     "estimate_zeta",
     "plausible_radii",
     "replay",
+    "signed_room",
+    "signed_zeta",
     "tail_frequency",
 ]
 
@@ -130,16 +153,50 @@ class Mode(StrEnum):
 
 
 class Zeta(StrEnum):
-    """What the zeta bound counts: losses of c_hat (``f = c_hat != f^p``) or, as in the paper, all ``f^p != f``."""
+    """What the zeta bound bounds: losses of c_hat (``f = c_hat != f^p``), as in the paper all ``f^p != f``, or
+    losses minus gains (``signed``, a betting bound on the net change of c_hat's frequency)."""
 
     LOSS = "loss"
     DISAGREEMENT = "disagreement"
+    SIGNED = "signed"
 
 
 def zeta_count(preds_p: np.ndarray, preds_f: np.ndarray, c_hat: np.ndarray, rule: Zeta) -> np.ndarray:
-    """The per-sample indicators that ``rule``'s zeta counts, from f^p's and f's classes on the same samples."""
+    """The per-sample indicators that ``rule``'s zeta counts, from f^p's and f's classes on the same samples.
+
+    ``signed`` counts the losses here too: that is the rate a tail-mode pilot feeds the plausible radii.
+    """
     dis = preds_p != preds_f
-    return dis & (preds_f == c_hat[:, None]) if rule is Zeta.LOSS else dis
+    return dis if rule is Zeta.DISAGREEMENT else dis & (preds_f == c_hat[:, None])
+
+
+def signed_room(cache: BaseCache, rows: np.ndarray) -> np.ndarray:
+    """How far below 0 the signed zeta of each input may go: ``(1 - p_a) / 2``, so that ``p_a - zeta < 1``."""
+    return (1.0 - np.clip(cache.p_a[rows], 0.0, 1.0)) / 2.0
+
+
+def signed_zeta(
+    net: np.ndarray,
+    seen: np.ndarray | int,
+    counts: np.ndarray | int,
+    alpha_zeta: float,
+    f_hits: np.ndarray | None = None,
+    room: np.ndarray | float = 0.0,
+) -> np.ndarray:
+    """``1 - alpha_zeta`` upper bound on ``P(f = c_hat) - P(f^p = c_hat)`` (losses minus gains), at least ``-room``.
+
+    ``net`` holds ``1{f^p = c_hat} - 1{f = c_hat}`` (-1 a loss, +1 a gain, 0 otherwise) per replayed sample, in
+    replay order; the first ``seen`` of each row's ``counts`` are used.  The bound is ``1 - 2 L`` with ``L`` the
+    betting lower bound on the mean of ``(net + 1) / 2`` (values 0, 1/2, 1), capped at ``(1 + room) / 2``: zeta is
+    negative (f^p has c_hat more often than f) by at most ``room`` (default 0; IRS passes ``(1 - p_a) / 2``, which
+    keeps ``p_a - zeta`` below 1).  With ``f_hits`` (``f = c_hat`` on every position, known from the cache) it is
+    instead the smallest zeta the full ``counts`` could give: a sample not yet replayed is at best a gain where f
+    misses c_hat and an agreement where f has it.
+    """
+    x = (np.asarray(net, dtype=np.float64) + 1.0) / 2.0
+    best = None if f_hits is None else np.where(f_hits, 0.5, 1.0)
+    top = (1.0 + np.asarray(room, dtype=np.float64)) / 2.0
+    return 1.0 - 2.0 * betting_lower_bound(x, seen, counts, alpha_zeta, top=top, best=best)
 
 
 @dataclass(frozen=True)
@@ -301,11 +358,16 @@ def estimate_zeta(
     """``zeta_x`` of every input: a ``1 - alpha_zeta`` upper bound on what ``rule`` counts, from ``n_p`` samples.
 
     ``"loss"``: ``P(f(x + eps) = c_hat, f^p(x + eps) != c_hat)``; ``"disagreement"`` (the paper's Algorithm 3):
-    ``P(f^p(x + eps) != f(x + eps))``.
+    ``P(f^p(x + eps) != f(x + eps))``; ``"signed"``: ``P(f = c_hat) - P(f^p = c_hat)``, at least 0
+    (:func:`signed_zeta`).
     """
     rows = np.arange(len(cache))
     preds = replay(model_p, x, cache, rows, n_p, **kwargs)
-    counted = zeta_count(preds, np.asarray(cache.predictions[rows, :n_p]), cache.c_hat[rows], Zeta(rule))
+    preds_f, c_hat = np.asarray(cache.predictions[rows, :n_p]), cache.c_hat[rows, None]
+    if Zeta(rule) is Zeta.SIGNED:
+        net = (preds == c_hat).astype(np.int8) - (preds_f == c_hat)
+        return signed_zeta(net, n_p, n_p, alpha_zeta, room=signed_room(cache, rows))
+    counted = zeta_count(preds, preds_f, cache.c_hat[rows], Zeta(rule))
     return upper_confidence_bound(counted.sum(axis=1), n_p, alpha_zeta)
 
 
@@ -549,16 +611,22 @@ class IRSRun:
             self.rows = np.flatnonzero(cache.certified)
             self.counts = np.full(len(self.rows), settings.n_p, dtype=np.int64)
             self.branch = cache.p_a[self.rows] >= settings.gamma if settings.mode is Mode.GAMMA else None
-        # An input whose radius is 0 even if every replayed sample agrees with f and predicts c_hat (zeta branch with
-        # p_a - UCB(0, k, alpha_zeta) <= 1/2) cannot be certified: it is not replayed, and its radius stays 0.
-        certifiable, _, _ = self._radii(np.zeros_like(self.counts), self.counts)
-        keep = certifiable > 0
-        self.rows, self.counts = self.rows[keep], self.counts[keep]
-        self.branch = None if self.branch is None else self.branch[keep]
         self.seen = np.zeros(len(self.rows), dtype=np.int64)
         self.disagreements = np.zeros(len(self.rows), dtype=np.int64)
         self.losses = np.zeros(len(self.rows), dtype=np.int64)
         self.hits = np.zeros(len(self.rows), dtype=np.int64)
+        # signed zeta: 1{f^p = c_hat} - 1{f = c_hat} on every replayed sample, in order (the betting bound reads it)
+        width = int(self.counts.max()) if settings.zeta is Zeta.SIGNED and len(self.counts) else 0
+        self.net = np.zeros((len(self.rows), width), dtype=np.int8)
+        # An input whose radius is 0 even at its best (every replayed sample agrees with f and predicts c_hat, or for
+        # signed zeta is a gain wherever f misses c_hat) cannot be certified: it is not replayed, its radius stays 0.
+        certifiable, _, _ = self._radii(self._zeta(optimistic=True), self.counts)
+        keep = certifiable > 0
+        self.rows, self.counts, self.net = self.rows[keep], self.counts[keep], self.net[keep]
+        self.branch = None if self.branch is None else self.branch[keep]
+        self.seen, self.disagreements, self.losses, self.hits = (
+            a[keep] for a in (self.seen, self.disagreements, self.losses, self.hits)
+        )
 
     @property
     def complete(self) -> bool:
@@ -599,19 +667,39 @@ class IRSRun:
         self.disagreements[active] += (zeta_count(preds, f_preds, c_hat, Zeta.DISAGREEMENT) & used).sum(axis=1)
         self.losses[active] += (zeta_count(preds, f_preds, c_hat, Zeta.LOSS) & used).sum(axis=1)
         self.hits[active] += ((preds == c_hat[:, None]) & used).sum(axis=1)
+        if self.net.shape[1]:
+            net = (preds == c_hat[:, None]).astype(np.int8) - (f_preds == c_hat[:, None])
+            where = np.broadcast_to(active[:, None], used.shape)[used], (start[:, None] + np.arange(width))[used]
+            self.net[where] = net[used]
         self.seen[active] = stop
 
     @property
     def zeta_counts(self) -> np.ndarray:
-        """What the zeta bound counts so far, per evaluated input (losses or disagreements, by the settings)."""
-        return self.losses if self.settings.zeta is Zeta.LOSS else self.disagreements
+        """What the zeta bound counts so far, per evaluated input (disagreements, or losses for the other rules)."""
+        return self.disagreements if self.settings.zeta is Zeta.DISAGREEMENT else self.losses
 
-    def _radii(self, zeta_counts: np.ndarray, hits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(radius, use_direct, zeta)`` of every evaluated input for the given counts on the full sample counts."""
+    def _zeta(self, optimistic: bool = False) -> np.ndarray:
+        """Every evaluated input's zeta on its full count, from what has been replayed; ``optimistic``: the smallest
+        zeta any outcome of the samples not yet replayed could give (Clopper-Pearson: no further count; signed: a
+        gain wherever f misses c_hat)."""
+        s = self.settings
+        if not len(self.rows):
+            return np.zeros(0)
+        if s.zeta is not Zeta.SIGNED:
+            return upper_confidence_bound(self.zeta_counts, self.counts, s.alpha_zeta)
+        f_hits = None
+        if optimistic:
+            f_preds = np.asarray(self.cache.predictions[self.rows, : self.net.shape[1]])
+            f_hits = f_preds == self.cache.c_hat[self.rows, None]
+        return signed_zeta(
+            self.net, self.seen, self.counts, s.alpha_zeta, f_hits, room=signed_room(self.cache, self.rows)
+        )
+
+    def _radii(self, zeta: np.ndarray, hits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(radius, use_direct, zeta)`` of every evaluated input for the given zeta and hits on the full counts."""
         if not len(self.rows):
             return np.zeros(0), np.zeros(0, dtype=bool), np.zeros(0)
         sigma, s = self.cache.meta.sigma, self.settings
-        zeta = upper_confidence_bound(zeta_counts, self.counts, s.alpha_zeta)
         r_zeta = radius(self.cache.p_a[self.rows] - zeta, sigma)
         r_direct = radius(lower_confidence_bound(hits, self.counts, s.alpha_d), sigma)
         use_direct = r_direct > r_zeta if self.branch is None else self.branch
@@ -620,17 +708,18 @@ class IRSRun:
     def upper_acr(self) -> float:
         """An upper bound on the ACR :meth:`result` will report, whatever the samples not yet replayed show.
 
-        Every radius grows with #{f^p = c_hat} and shrinks with zeta's count (Clopper-Pearson bounds are monotone in
-        the count), so the radius reached when every remaining sample agrees with f and predicts c_hat bounds it.
+        Every radius grows with #{f^p = c_hat} and falls as zeta rises (Clopper-Pearson bounds are monotone in the
+        count), so the radius reached with every remaining sample predicting c_hat and the smallest zeta they could
+        give (:meth:`_zeta`) bounds it.
         """
         rest = self.counts - self.seen
-        optimistic, _, _ = self._radii(self.zeta_counts, self.hits + rest)
+        optimistic, _, _ = self._radii(self._zeta(optimistic=True), self.hits + rest)
         return float(optimistic.sum() / len(self.cache)) if len(self.cache) else 0.0
 
     def result(self) -> IRSResult:
         """Replay what is left and return the certificate (level ``settings.total_alpha(alpha)``)."""
         self.extend(1.0)
-        chosen, use_direct, zeta = self._radii(self.zeta_counts, self.hits)
+        chosen, use_direct, zeta = self._radii(self._zeta(), self.hits)
         s = self.settings
         out = _result(
             len(self.cache),

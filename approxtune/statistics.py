@@ -9,6 +9,9 @@ Every bound here is a *one-sided* Clopper–Pearson bound (Clopper & Pearson, 19
 
 Both are exact (conservative) for every ``n``; they are *not* the two-sided interval, whose ends hold at ``alpha / 2``.
 
+``betting_lower_bound`` bounds the mean of values in [0, 1] (not only 0/1) by betting (Waudby-Smith & Ramdas, 2024):
+sound for every ``n`` by Ville's inequality, and as tight as the values' variance allows.
+
 A certified radius follows Cohen et al. (2019): ``sigma * Phi^-1(p_lower)`` when ``p_lower > 1/2``, otherwise the
 smoothed classifier abstains and the radius is 0.  The radius of an input also counts as 0 when the smoothed
 prediction is not the input's label.  ACR is the mean radius over all evaluated inputs, zeros included.
@@ -22,6 +25,7 @@ from scipy.stats import beta, norm
 
 __all__ = [
     "acr",
+    "betting_lower_bound",
     "certified_accuracy",
     "certified_accuracy_curve",
     "lower_confidence_bound",
@@ -56,6 +60,81 @@ def upper_confidence_bound(k: ArrayLike, n: ArrayLike, alpha: float) -> NDArray[
     safe_k = np.minimum(k_arr, n_arr - 1.0)
     out = beta.ppf(1.0 - alpha, safe_k + 1.0, n_arr - safe_k)
     return np.where(k_arr == n_arr, 1.0, out)
+
+
+BET_CAP = 0.99
+"""Largest stake, as a share of what keeps the capital positive: every factor is at least ``1 - BET_CAP``."""
+
+
+def betting_lower_bound(
+    x: ArrayLike,
+    seen: ArrayLike,
+    n: ArrayLike,
+    alpha: float,
+    *,
+    top: ArrayLike = 1.0,
+    best: ArrayLike | None = None,
+    steps: int = 50,
+) -> NDArray[np.float64]:
+    """One-sided ``1 - alpha`` lower bound on the mean ``mu`` of i.i.d. values in [0, 1], by betting; at most ``top``
+    (a number, or one per row).
+
+    Row ``i`` of ``x`` holds one sequence; its first ``seen[i]`` values are used, and ``n[i] >= seen[i]`` is the
+    number of values the sequence will have in all (fixed in advance).  For a candidate mean ``m`` a gambler bets
+    ``lambda_t >= 0`` on ``X_t > m`` and holds the capital ``K_t(m) = prod_{s <= t} (1 + lambda_s (X_s - m))``, with
+    the predictable stake (Waudby-Smith & Ramdas, 2024, "hedged capital", one-sided)
+
+        lambda_t = min(sqrt(2 ln(1/alpha) / (n v_{t-1})), BET_CAP / top),
+        v_t = (1/4 + sum_{s <= t} (X_s - mu_s)^2) / (t + 1),  mu_t = (1/2 + sum_{s <= t} X_s) / (t + 1),
+
+    which depends only on earlier values, so at ``m = mu`` the capital is a non-negative martingale of mean 1 (every
+    factor is positive for ``m <= top``) and Ville's inequality gives ``P(max_t K_t(mu) >= 1/alpha) <= alpha``.  The
+    bound is the largest ``m`` in [0, top] that the capital rejects (``max_t K_t(m) >= 1/alpha``; the capital falls
+    as ``m`` rises, so bisection finds it from below in ``steps`` halvings): below ``mu`` with probability at least
+    ``1 - alpha``.  It depends on the order of the values, not only on their counts.
+
+    With ``best`` (the largest value each position ``seen[i] <= t < n[i]`` can still take), the result is instead an
+    upper bound on the bound that all ``n[i]`` values will give, whatever they turn out to be: each missing factor is
+    at most ``max(1, 1 + (BET_CAP / top) (best_t - m))``.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    xs = np.atleast_2d(np.asarray(x, dtype=np.float64))
+    rows, width = xs.shape
+    top_arr = np.broadcast_to(np.asarray(top, dtype=np.float64), (rows,))
+    if np.any(top_arr <= 0.0) or np.any(top_arr > 1.0):
+        raise ValueError(f"top must lie in (0, 1], got {top}")
+    seen_arr = np.broadcast_to(np.asarray(seen, dtype=np.int64), (rows,))
+    n_arr = np.broadcast_to(np.asarray(n, dtype=np.int64), (rows,))
+    if np.any(seen_arr < 0) or np.any(seen_arr > n_arr) or np.any(n_arr < 1) or np.any(n_arr > width):
+        raise ValueError("betting_lower_bound needs 0 <= seen <= n <= the sequences' length and n >= 1")
+    position = np.arange(width)[None, :]
+    used = position < seen_arr[:, None]
+    xs = np.where(used, xs, 0.0)
+    if np.any(xs < 0.0) or np.any(xs > 1.0):
+        raise ValueError("betting_lower_bound needs values in [0, 1]")
+    t = np.arange(1, width + 1)
+    mu = (0.5 + np.cumsum(xs, axis=1)) / (t + 1)
+    var = (0.25 + np.cumsum(np.where(used, (xs - mu) ** 2, 0.0), axis=1)) / (t + 1)
+    var_before = np.concatenate([np.full((rows, 1), 0.25), var[:, :-1]], axis=1)
+    cap = (BET_CAP / top_arr)[:, None]
+    threshold = np.log(1.0 / alpha)
+    stake = np.where(used, np.minimum(np.sqrt(2.0 * threshold / (n_arr[:, None] * var_before)), cap), 0.0)
+    missing = None
+    if best is not None:
+        missing = (position >= seen_arr[:, None]) & (position < n_arr[:, None])
+        best_arr = np.broadcast_to(np.asarray(best, dtype=np.float64), xs.shape)
+    lo, hi = np.zeros(rows), top_arr.copy()
+    for _ in range(steps):
+        m = (lo + hi) / 2.0
+        log_capital = np.cumsum(np.log1p(stake * (xs - m[:, None])), axis=1)
+        score = log_capital.max(axis=1)
+        if missing is not None:
+            rest = np.where(missing, np.log1p(cap * np.maximum(best_arr - m[:, None], 0.0)), 0.0).sum(axis=1)
+            score = np.maximum(score, log_capital[:, -1] + rest)
+        rejected = score >= threshold
+        lo, hi = np.where(rejected, m, lo), np.where(rejected, hi, m)
+    return lo
 
 
 def radius(p_lower: ArrayLike, sigma: float) -> NDArray[np.float64]:

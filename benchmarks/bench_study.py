@@ -52,9 +52,11 @@ from approxtune.config import load_study
 from approxtune.noise import input_seeds
 from approxtune.statistics import acr, lower_confidence_bound, radius
 
-RULES = {  # every rule at total confidence 1 - 0.002; "-disagreement": the paper's zeta on all f^p != f
+RULES = {  # every rule at total confidence 1 - 0.002; "-disagreement": the paper's zeta on all f^p != f; "-signed":
+    # the betting bound on losses minus gains
     "tail": {"mode": "tail", "alpha_zeta": 0.001, "alpha_d": 0.001, "zeta": "loss"},  # the default study's rule
     "tail-disagreement": {"mode": "tail", "alpha_zeta": 0.001, "alpha_d": 0.001, "zeta": "disagreement"},
+    "tail-signed": {"mode": "tail", "alpha_zeta": 0.001, "alpha_d": 0.001, "zeta": "signed"},  # losses minus gains
     "max": {"mode": "max", "alpha_zeta": 0.0005, "alpha_d": 0.0005, "zeta": "loss"},
     "max-disagreement": {"mode": "max", "alpha_zeta": 0.0005, "alpha_d": 0.0005, "zeta": "disagreement"},
     "gamma": {"mode": "gamma", "gamma": 0.99, "alpha_zeta": 0.001, "alpha_d": 0.001, "zeta": "loss"},

@@ -93,7 +93,7 @@ def test_digits_variants_differ_only_in_sigma():
         ("[irs]\nn_p = 10001", r"irs.n_p must lie in \[1, certify.n = 10000\]"),
         ("[irs]\nalpha_zeta = 0.7", "irs.alpha_zeta must lie in"),
         ("[irs]\nmode = 'maximum'", "irs.mode = 'maximum' is not one of max, gamma"),
-        ("[irs]\nzeta = 'losses'", "irs.zeta = 'losses' is not one of loss, disagreement"),
+        ("[irs]\nzeta = 'losses'", "irs.zeta = 'losses' is not one of loss, disagreement, signed"),
         ("[search]\nprecisions = ['int3']", "search.precisions = 'int3' is not one of"),
         ("[search]\nprune = [1.0]", r"search.prune amounts must lie in \[0, 1\)"),
         ("[search]\nsampler = 'tpe2'", "did you mean 'tpe'"),

@@ -10,7 +10,7 @@ from torch import nn
 
 from approxtune.cache import CertifySettings, build_base_cache
 from approxtune.data import Inputs
-from approxtune.irs import IRSRun, IRSSettings, Mode, Zeta, certify_irs, estimate_zeta, replay
+from approxtune.irs import IRSRun, IRSSettings, Mode, Zeta, certify_irs, estimate_zeta, replay, signed_room, signed_zeta
 from approxtune.statistics import lower_confidence_bound, radius, upper_confidence_bound
 
 N, N_P, SIGMA, ALPHA = 600, 200, 0.5, 0.001
@@ -82,7 +82,13 @@ def test_irs_of_an_approximation_matches_the_definition(base, rule):
     assert np.all(losses <= dis) and np.any(losses < dis), "some disagreements must not be losses of c_hat"
     assert np.array_equal(result.disagreements[rows], dis)
     assert np.array_equal(result.losses[rows], losses)
-    zeta = upper_confidence_bound(losses if rule is Zeta.LOSS else dis, N_P, 0.0005)
+    if rule is Zeta.SIGNED:  # the betting bound on the replayed samples in replay order (staged in IRSRun)
+        room = signed_room(cache, rows)
+        zeta = signed_zeta((preds == c_hat).astype(np.int8) - (f_preds == c_hat), N_P, N_P, 0.0005, room=room)
+        assert np.all(zeta >= -room) and np.any(zeta < 0) and np.all(cache.p_a[rows] - zeta < 1)
+        assert np.any(zeta < upper_confidence_bound(losses, N_P, 0.0005))
+    else:
+        zeta = upper_confidence_bound(losses if rule is Zeta.LOSS else dis, N_P, 0.0005)
     np.testing.assert_allclose(result.zeta[rows], zeta)
     np.testing.assert_allclose(estimate_zeta(approx, inputs.x, cache, N_P, 0.0005, rule)[rows], zeta)
     r_zeta = radius(cache.p_a[rows] - zeta, SIGMA)
@@ -161,8 +167,10 @@ def test_no_certified_input_gives_zero_radii_without_sampling(base):
         IRSSettings(n_p=N_P, mode=Mode.MAX),
         IRSSettings(n_p=N_P, mode=Mode.GAMMA, gamma=0.9),
         IRSSettings(n_p=N_P, mode=Mode.TAIL, alpha_zeta=0.001, alpha_d=0.001, pilot=16, block=8),
+        IRSSettings(n_p=N_P, mode=Mode.MAX, zeta=Zeta.SIGNED),
+        IRSSettings(n_p=N_P, mode=Mode.TAIL, alpha_zeta=0.001, alpha_d=0.001, pilot=16, block=8, zeta=Zeta.SIGNED),
     ],
-    ids=["max", "gamma", "tail"],
+    ids=["max", "gamma", "tail", "max-signed", "tail-signed"],
 )
 def test_staged_run_ends_where_one_shot_ends_and_its_upper_bound_holds(base, settings):
     """IRSRun in stages: certify_irs's certificate, no sample twice, upper_acr >= the final ACR at every stage."""
@@ -186,6 +194,7 @@ def test_staged_run_ends_where_one_shot_ends_and_its_upper_bound_holds(base, set
     assert all(a >= b for a, b in itertools.pairwise(bounds))  # more samples seen: a tighter bound
     assert bounds[0] > staged.acr  # the perturbation costs radius that the bound before any sample cannot see
     assert run.upper_acr() == pytest.approx(staged.acr)
+    np.testing.assert_array_equal(staged.zeta, one_shot.zeta)
 
 
 def test_upper_acr_is_reached_when_every_remaining_sample_agrees(base):

@@ -9,8 +9,9 @@ whose true probabilities are known in closed form and count how often it is wron
   f^p (f's weights moved along their quantization error, and a lower class-1 bias, so that it is noticeably
   worse), ``P(f != f^p)`` and the probability of a loss ``P(f = c, f^p != c)`` are bivariate-normal orthant
   probabilities with correlation ``rho = a.a_p / (|a| |a_p|)``; g^p's true radius for class c is
-  ``sigma Phi^-1(P(f^p = c))``.  The engine checks run once for each thing zeta can count (``irs.Zeta``), each with
-  its own f^p whose count sits at the worst case of the zeta bound.
+  ``sigma Phi^-1(P(f^p = c))``.  The engine checks run once for each thing zeta can count (losses, disagreements),
+  each with its own f^p whose count sits at the worst case of the zeta bound; the signed rule (a betting bound on
+  ``P(f = c) - P(f^p = c)``) is checked on the losses' f^p.
 * Repetitions: the engine path certifies R copies of the same x in one call (each copy gets its own noise seed from
   ``input_seeds(run_seed, index)``, so the copies are independent repetitions); the binomial path draws counts with
   numpy and tests the bound functions alone, with many more repetitions.
@@ -40,7 +41,7 @@ from torch import nn
 
 from approxtune.cache import BaseCache, CertifySettings, build_base_cache
 from approxtune.data import Inputs
-from approxtune.irs import IRSResult, IRSSettings, Zeta, certify_irs, estimate_zeta, replay
+from approxtune.irs import IRSResult, IRSSettings, Zeta, certify_irs, estimate_zeta, replay, signed_room, signed_zeta
 from approxtune.statistics import lower_confidence_bound, radius, upper_confidence_bound
 
 pytestmark = pytest.mark.slow
@@ -358,7 +359,11 @@ class Engine:
     gamma: float
 
 
-@pytest.fixture(scope="module", params=list(Zeta), ids=[z.value for z in Zeta])
+COUNTED = [Zeta.LOSS, Zeta.DISAGREEMENT]
+"""The rules whose zeta is a Clopper-Pearson bound on a count (the signed rule's betting bound has tests of its own)."""
+
+
+@pytest.fixture(scope="module", params=COUNTED, ids=[z.value for z in COUNTED])
 def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Engine:
     return _engine(tmp_path_factory, request.param)
 
@@ -589,3 +594,37 @@ def test_irs_radius_coverage(engine: Engine, mode: str) -> None:
     # Wrong: IRS without zeta, i.e. g's own radius sigma Phi^-1(p_A) claimed for g^p.
     no_zeta = np.where(cache.certified, cache.radius, 0.0)
     assert_flagged(coverage("IRS radius without zeta (wrong)", radius_wrong(no_zeta, true_radius), stated))
+
+
+@pytest.fixture(scope="module")
+def loss_engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    return _engine(tmp_path_factory, Zeta.LOSS)
+
+
+@pytest.mark.parametrize("mode", ["max", "gamma", "tail"])
+def test_signed_zeta_and_radius_coverage(loss_engine: Engine, mode: str) -> None:
+    """(d) The signed zeta (betting bound on losses minus gains) against the true ``P(f = c) - P(f^p = c)``, level
+    alpha_zeta, and the IRS radius with it at the level IRSResult states; its point estimate must be flagged."""
+    e = loss_engine
+    t, cache = e.truth, e.cache
+    truth = t.prob_f(cache.c_hat) - t.prob_p(cache.c_hat)
+    zeta = estimate_zeta(e.fp, e.inputs.x, cache, N_P, ALPHA_ZETA, Zeta.SIGNED)
+    assert np.all(zeta >= -(1 - cache.p_a) / 2)
+    assert_sound(coverage("engine zeta (signed, betting)", zeta < truth, ALPHA_ZETA))
+    c_hat = cache.c_hat[:, None]
+    net = (e.preds_p == c_hat).astype(float) - (np.asarray(cache.predictions[:, :N_P]) == c_hat)
+    assert_flagged(coverage("signed point estimate (wrong)", -net.mean(axis=1) < truth, ALPHA_ZETA))
+    # The check has the power to see a bound at twice its level: the betting bound is wrong nearly alpha of the time.
+    at_2 = signed_zeta(net.astype(np.int8), N_P, N_P, 2 * ALPHA_ZETA, room=signed_room(cache, np.arange(len(cache))))
+    assert_flagged(coverage("signed zeta at 2 alpha_zeta (wrong)", at_2 < truth, ALPHA_ZETA))
+
+    settings = IRSSettings(
+        n_p=N_P, alpha_zeta=ALPHA_ZETA, alpha_d=ALPHA_D, mode=mode, gamma=e.gamma, zeta=Zeta.SIGNED, allocate=False
+    )
+    res = certify_irs(e.fp, e.inputs.x, cache, settings)
+    assert res.alpha == pytest.approx(settings.total_alpha(ALPHA))
+    assert res.evaluated.mean() > 0.9
+    if mode != "tail":  # tail mode replays the same first N_P samples: its zeta is the one estimate_zeta computed
+        np.testing.assert_array_equal(res.zeta[res.evaluated], zeta[res.evaluated])
+    wrong = radius_wrong(res.radius, t.radius_p(cache.c_hat))
+    assert_sound(coverage(f"engine IRS radius, mode {mode}, signed zeta", wrong, res.alpha))

@@ -1,7 +1,9 @@
-"""Unit tests of approxtune.statistics: one-sided Clopper–Pearson bounds, Cohen's radius, ACR, certified accuracy."""
+"""Unit tests of approxtune.statistics: one-sided Clopper–Pearson and betting bounds, Cohen's radius, ACR, certified
+accuracy."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -10,6 +12,7 @@ from scipy.stats import binomtest, norm
 
 from approxtune.statistics import (
     acr,
+    betting_lower_bound,
     certified_accuracy,
     certified_accuracy_curve,
     lower_confidence_bound,
@@ -186,3 +189,85 @@ def test_counts_must_be_whole_numbers():
         lower_confidence_bound(2.5, 10, 0.1)
     with pytest.raises(ValueError, match="whole numbers"):
         upper_confidence_bound(2, 10.5, 0.1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The betting bound on a mean of values in [0, 1]
+
+
+def all_sequences(n: int) -> np.ndarray:
+    """Every sequence of n values from {0, 1/2, 1}: 3^n rows."""
+    digits = np.array(list(itertools.product(range(3), repeat=n)))
+    return digits / 2.0
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.2, 0.4])
+@pytest.mark.parametrize("top", [0.5, 1.0])
+def test_betting_bound_exact_coverage_by_enumeration(alpha: float, top: float) -> None:
+    """Exact miscoverage over all 3^7 sequences of a three-point distribution, on a grid of its probabilities.
+
+    The bound must be above the true mean with probability at most alpha (Ville's inequality); it never exceeds top,
+    and it is not vacuous (it says something, and is wrong somewhere on the grid; at n = 7 it is conservative).
+    """
+    n = 7
+    seqs = all_sequences(n)
+    bound = betting_lower_bound(seqs, n, n, alpha, top=top)
+    assert np.all((bound >= 0) & (bound <= top))
+    k = (seqs * 2).astype(int)
+    worst = 0.0
+    for p0 in np.linspace(0.0, 1.0, 11):
+        for p2 in np.linspace(0.0, 1.0 - p0, 11):
+            probs = np.array([p0, 1.0 - p0 - p2, p2])
+            prob_seq = np.prod(probs[k], axis=1)
+            mean = 0.5 * probs[1] + probs[2]
+            miss = float(prob_seq[bound > mean].sum())
+            assert miss <= alpha + 1e-12, (probs, miss)
+            worst = max(worst, miss)
+    assert worst > 0 and bound.max() > 0.25 * top
+
+
+def test_betting_bound_against_clopper_pearson_on_zeros_and_ones() -> None:
+    """On 0/1 values it is a valid bound of the same order as Clopper-Pearson's (order-dependent, slightly wider)."""
+    rng = np.random.default_rng(0)
+    x = (rng.random((200, 400)) < 0.9).astype(float)
+    bet = betting_lower_bound(x, 400, 400, 0.001)
+    cp = lower_confidence_bound(x.sum(axis=1), 400, 0.001)
+    assert np.all(bet <= x.mean(axis=1)) and np.median(cp - bet) < 0.03
+    # The order matters: reversed sequences give other bounds, both valid.
+    assert not np.array_equal(bet, betting_lower_bound(x[:, ::-1], 400, 400, 0.001))
+
+
+def test_betting_bound_with_best_bounds_every_completion() -> None:
+    """With ``best``, the result bounds the final bound of every completion of the values not yet seen."""
+    rng = np.random.default_rng(1)
+    rows, n, seen = 40, 60, 20
+    best = np.where(rng.random((rows, n)) < 0.2, 1.0, 0.5)
+    x = np.minimum(rng.choice([0.0, 0.5, 1.0], size=(rows, n), p=[0.1, 0.8, 0.1]), best)
+    upper = betting_lower_bound(x, seen, n, 0.01, top=0.5, best=best)
+    finals = [betting_lower_bound(x, n, n, 0.01, top=0.5)]
+    finals.append(betting_lower_bound(np.where(np.arange(n) < seen, x, best), n, n, 0.01, top=0.5))
+    for _ in range(20):
+        rest = np.minimum(rng.choice([0.0, 0.5, 1.0], size=(rows, n)), best)
+        finals.append(betting_lower_bound(np.where(np.arange(n) < seen, x, rest), n, n, 0.01, top=0.5))
+    assert np.all(upper[None, :] >= np.array(finals) - 1e-12)
+    # Seen in full, nothing is missing: the same bound.
+    np.testing.assert_array_equal(betting_lower_bound(x, n, n, 0.01, top=0.5, best=best), finals[0])
+    # Values past seen are ignored without best.
+    np.testing.assert_array_equal(
+        betting_lower_bound(x, seen, n, 0.01), betting_lower_bound(np.where(np.arange(n) < seen, x, 0.0), seen, n, 0.01)
+    )
+
+
+@pytest.mark.parametrize(
+    ("x", "seen", "n", "alpha", "top", "match"),
+    [
+        ([[0.5, 1.5]], 2, 2, 0.1, 1.0, "values in"),
+        ([[0.5, 0.5]], 3, 3, 0.1, 1.0, "seen <= n"),
+        ([[0.5, 0.5]], 2, 1, 0.1, 1.0, "seen <= n"),
+        ([[0.5, 0.5]], 2, 2, 1.0, 1.0, "alpha"),
+        ([[0.5, 0.5]], 2, 2, 0.1, 0.0, "top"),
+    ],
+)
+def test_betting_bound_bad_arguments_raise(x, seen, n, alpha, top, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        betting_lower_bound(x, seen, n, alpha, top=top)
