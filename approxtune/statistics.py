@@ -74,7 +74,7 @@ def betting_lower_bound(
     *,
     top: ArrayLike = 1.0,
     best: ArrayLike | None = None,
-    steps: int = 50,
+    steps: int = 32,
 ) -> NDArray[np.float64]:
     """One-sided ``1 - alpha`` lower bound on the mean ``mu`` of i.i.d. values in [0, 1], by betting; at most ``top``
     (a number, or one per row).
@@ -120,18 +120,22 @@ def betting_lower_bound(
     cap = (BET_CAP / top_arr)[:, None]
     threshold = np.log(1.0 / alpha)
     stake = np.where(used, np.minimum(np.sqrt(2.0 * threshold / (n_arr[:, None] * var_before)), cap), 0.0)
-    missing = None
-    if best is not None:
+    best_values, best_counts = np.zeros(0), np.zeros((rows, 0))
+    if best is not None:  # each missing value's best, as (distinct value, how many per row): a few columns
         missing = (position >= seen_arr[:, None]) & (position < n_arr[:, None])
         best_arr = np.broadcast_to(np.asarray(best, dtype=np.float64), xs.shape)
+        best_values = np.unique(best_arr[missing])
+        counted = [(missing & (best_arr == v)).sum(axis=1) for v in best_values]
+        best_counts = np.array(counted, dtype=np.float64).reshape(len(best_values), rows).T
+    last = int(seen_arr.max()) if rows else 0  # columns past every row's seen values hold no bet
+    gain, cost = (stake * xs)[:, :last], stake[:, :last]
     lo, hi = np.zeros(rows), top_arr.copy()
     for _ in range(steps):
         m = (lo + hi) / 2.0
-        log_capital = np.cumsum(np.log1p(stake * (xs - m[:, None])), axis=1)
-        score = log_capital.max(axis=1)
-        if missing is not None:
-            rest = np.where(missing, np.log1p(cap * np.maximum(best_arr - m[:, None], 0.0)), 0.0).sum(axis=1)
-            score = np.maximum(score, log_capital[:, -1] + rest)
+        log_capital = np.cumsum(np.log1p(gain - cost * m[:, None]), axis=1)
+        now = log_capital[:, -1] if last else np.zeros(rows)
+        rest = best_counts * np.log1p(cap * np.maximum(best_values[None, :] - m[:, None], 0.0))
+        score = np.maximum(log_capital.max(axis=1, initial=0.0), now + rest.sum(axis=1))
         rejected = score >= threshold
         lo, hi = np.where(rejected, m, lo), np.where(rejected, hi, m)
     return lo
