@@ -271,8 +271,8 @@ class IRSResult:
 
     ``radius``: certified radius counted for ACR (0 unless the cache predicts the label and a branch certifies);
     ``evaluated``: inputs that were replayed; ``disagreements``: #{f^p != f} among the replayed samples; ``losses``:
-    #{f = c_hat != f^p} among them; ``zeta``: the zeta bound the settings chose (on the losses or the disagreements;
-    NaN where not evaluated); ``direct_count``: #{f^p = c_hat};
+    #{f = c_hat != f^p} among them; ``zeta``: the zeta bound the settings chose (on the losses, the disagreements or
+    losses minus gains; NaN where not evaluated); ``direct_count``: #{f^p = c_hat};
     ``direct_won``: the direct radius was the one reported and was positive; ``counts``: samples replayed per input
     (``n_p`` on evaluated inputs except in tail mode); ``branch_direct``: the branch chosen (True: direct) on evaluated
     inputs, whatever its radius; ``n_tail``: samples reserved for decisions (tail mode, else 0).
