@@ -38,6 +38,7 @@ from pathlib import Path
 import optuna
 import torch
 from _machine import cpu_model  # benchmarks/ is on sys.path when a script runs
+from bench_study import write_with_notes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -291,7 +292,7 @@ def main() -> None:
             f"{r['trials_per_hour']:.0f} | {r['trial_span_s']:.1f} | {r['evaluate_per_trial_s']:.2f} | "
             f"{1000 * r['storage_per_trial_s']:.0f} |"
         )
-    out.with_suffix(".md").write_text("\n".join(header) + "\n\n" + "\n".join(lines) + "\n")
+    write_with_notes(out.with_suffix(".md"), [*header, "", *lines])
     print("\n".join([*header, "", *lines]))
 
 
