@@ -615,14 +615,18 @@ class IRSRun:
         self.disagreements = np.zeros(len(self.rows), dtype=np.int64)
         self.losses = np.zeros(len(self.rows), dtype=np.int64)
         self.hits = np.zeros(len(self.rows), dtype=np.int64)
-        # signed zeta: 1{f^p = c_hat} - 1{f = c_hat} on every replayed sample, in order (the betting bound reads it)
+        # signed zeta: 1{f^p = c_hat} - 1{f = c_hat} on every replayed sample, in order (the betting bound reads it),
+        # and f = c_hat on every sample a row may replay (racing's optimistic bound reads it)
         width = int(self.counts.max()) if settings.zeta is Zeta.SIGNED and len(self.counts) else 0
         self.net = np.zeros((len(self.rows), width), dtype=np.int8)
+        self.f_hits = np.asarray(cache.predictions[self.rows, :width]) == cache.c_hat[self.rows, None]
         # An input whose radius is 0 even at its best (every replayed sample agrees with f and predicts c_hat, or for
         # signed zeta is a gain wherever f misses c_hat) cannot be certified: it is not replayed, its radius stays 0.
         certifiable, _, _ = self._radii(self._zeta(optimistic=True), self.counts)
         keep = certifiable > 0
-        self.rows, self.counts, self.net = self.rows[keep], self.counts[keep], self.net[keep]
+        self.rows, self.counts, self.net, self.f_hits = (
+            a[keep] for a in (self.rows, self.counts, self.net, self.f_hits)
+        )
         self.branch = None if self.branch is None else self.branch[keep]
         self.seen, self.disagreements, self.losses, self.hits = (
             a[keep] for a in (self.seen, self.disagreements, self.losses, self.hits)
@@ -666,9 +670,10 @@ class IRSRun:
         c_hat = cache.c_hat[rows]
         self.disagreements[active] += (zeta_count(preds, f_preds, c_hat, Zeta.DISAGREEMENT) & used).sum(axis=1)
         self.losses[active] += (zeta_count(preds, f_preds, c_hat, Zeta.LOSS) & used).sum(axis=1)
-        self.hits[active] += ((preds == c_hat[:, None]) & used).sum(axis=1)
+        hit = preds == c_hat[:, None]
+        self.hits[active] += (hit & used).sum(axis=1)
         if self.net.shape[1]:
-            net = (preds == c_hat[:, None]).astype(np.int8) - (f_preds == c_hat[:, None])
+            net = hit.astype(np.int8) - (f_preds == c_hat[:, None])
             where = np.broadcast_to(active[:, None], used.shape)[used], (start[:, None] + np.arange(width))[used]
             self.net[where] = net[used]
         self.seen[active] = stop
@@ -687,10 +692,7 @@ class IRSRun:
             return np.zeros(0)
         if s.zeta is not Zeta.SIGNED:
             return upper_confidence_bound(self.zeta_counts, self.counts, s.alpha_zeta)
-        f_hits = None
-        if optimistic:
-            f_preds = np.asarray(self.cache.predictions[self.rows, : self.net.shape[1]])
-            f_hits = f_preds == self.cache.c_hat[self.rows, None]
+        f_hits = self.f_hits if optimistic else None
         return signed_zeta(
             self.net, self.seen, self.counts, s.alpha_zeta, f_hits, room=signed_room(self.cache, self.rows)
         )
