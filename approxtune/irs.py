@@ -55,9 +55,11 @@ With ``D = 1{f^p = c_hat} - 1{f = c_hat}`` on each sample, exactly
     zeta_signed = max(-(1 - p_a) / 2, -LB(E[D])),
 
 with ``LB`` a ``1 - alpha_zeta`` lower bound on the mean of the i.i.d. values ``D`` (in {-1, 0, 1}) computed by
-betting (:func:`approxtune.statistics.betting_lower_bound` on ``(D + 1) / 2``, :func:`signed_zeta`; the floor keeps
-``p_a - zeta`` below 1 and so every radius finite): wrong only if
-the base bound (A) or that one bound (Z) failed, the same events and confidence as the other rules.  A Clopper-Pearson
+betting (:func:`approxtune.statistics.betting_lower_bound` on ``(D + 1) / 2``, :func:`signed_zeta`), at most
+``SIGNED_REACH`` = 1/8.  That reach is fixed in advance because it caps the bound's stakes, which must not read the
+data; the floor ``-(1 - p_a) / 2``, which keeps ``p_a - zeta`` below 1 and every radius finite, may, since raising
+an upper bound keeps it sound.  The radius is wrong only if the base bound (A) or that one bound (Z) failed, the
+same events and confidence as the other rules.  A Clopper-Pearson
 bound needs 0/1 values, so a count-based bound on losses minus gains would need two bounds and a split of
 ``alpha_zeta``, which costs more than the gains return (benchmarks/zeta_results.md).  The betting bound's width
 follows the variance of D, so it wins where f^p both loses and gains c_hat on a few percent of the samples (pruned
@@ -170,6 +172,10 @@ def zeta_count(preds_p: np.ndarray, preds_f: np.ndarray, c_hat: np.ndarray, rule
     return dis if rule is Zeta.DISAGREEMENT else dis & (preds_f == c_hat[:, None])
 
 
+SIGNED_REACH = 0.125
+"""How far below 0 the signed zeta's betting bound may reach (fixed in advance: it caps the bound's stakes)."""
+
+
 def signed_room(cache: BaseCache, rows: np.ndarray) -> np.ndarray:
     """How far below 0 the signed zeta of each input may go: ``(1 - p_a) / 2``, so that ``p_a - zeta < 1``."""
     return (1.0 - np.clip(cache.p_a[rows], 0.0, 1.0)) / 2.0
@@ -186,17 +192,18 @@ def signed_zeta(
     """``1 - alpha_zeta`` upper bound on ``P(f = c_hat) - P(f^p = c_hat)`` (losses minus gains), at least ``-room``.
 
     ``net`` holds ``1{f^p = c_hat} - 1{f = c_hat}`` (-1 a loss, +1 a gain, 0 otherwise) per replayed sample, in
-    replay order; the first ``seen`` of each row's ``counts`` are used.  The bound is ``1 - 2 L`` with ``L`` the
-    betting lower bound on the mean of ``(net + 1) / 2`` (values 0, 1/2, 1), capped at ``(1 + room) / 2``: zeta is
-    negative (f^p has c_hat more often than f) by at most ``room`` (default 0; IRS passes ``(1 - p_a) / 2``, which
-    keeps ``p_a - zeta`` below 1).  With ``f_hits`` (``f = c_hat`` on every position, known from the cache) it is
-    instead the smallest zeta the full ``counts`` could give: a sample not yet replayed is at best a gain where f
-    misses c_hat and an agreement where f has it.
+    replay order; the first ``seen`` of each row's ``counts`` are used.  The bound is ``max(1 - 2 L, -room)`` with
+    ``L`` the betting lower bound on the mean of ``(net + 1) / 2`` (values 0, 1/2, 1) up to ``(1 + SIGNED_REACH) / 2``,
+    a range fixed in advance because it caps the stakes.  Zeta is negative (f^p has c_hat more often than f) by at
+    most ``room`` (default 0; IRS passes ``(1 - p_a) / 2``, which keeps ``p_a - zeta`` below 1); that clip may read
+    the data, since raising an upper bound keeps it sound.  With ``f_hits`` (``f = c_hat`` on every position, known
+    from the cache) it is instead the smallest zeta the full ``counts`` could give: a sample not yet replayed is at
+    best a gain where f misses c_hat and an agreement where f has it.
     """
     x = (np.asarray(net, dtype=np.float64) + 1.0) / 2.0
     best = None if f_hits is None else np.where(f_hits, 0.5, 1.0)
-    top = (1.0 + np.asarray(room, dtype=np.float64)) / 2.0
-    return 1.0 - 2.0 * betting_lower_bound(x, seen, counts, alpha_zeta, top=top, best=best)
+    top = (1.0 + SIGNED_REACH) / 2.0
+    return np.maximum(1.0 - 2.0 * betting_lower_bound(x, seen, counts, alpha_zeta, top=top, best=best), -room)
 
 
 @dataclass(frozen=True)
@@ -358,8 +365,8 @@ def estimate_zeta(
     """``zeta_x`` of every input: a ``1 - alpha_zeta`` upper bound on what ``rule`` counts, from ``n_p`` samples.
 
     ``"loss"``: ``P(f(x + eps) = c_hat, f^p(x + eps) != c_hat)``; ``"disagreement"`` (the paper's Algorithm 3):
-    ``P(f^p(x + eps) != f(x + eps))``; ``"signed"``: ``P(f = c_hat) - P(f^p = c_hat)``, at least 0
-    (:func:`signed_zeta`).
+    ``P(f^p(x + eps) != f(x + eps))``; ``"signed"``: ``P(f = c_hat) - P(f^p = c_hat)``, at least
+    ``-(1 - p_a) / 2`` and ``-SIGNED_REACH`` (:func:`signed_zeta`).
     """
     rows = np.arange(len(cache))
     preds = replay(model_p, x, cache, rows, n_p, **kwargs)

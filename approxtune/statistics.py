@@ -72,12 +72,11 @@ def betting_lower_bound(
     n: ArrayLike,
     alpha: float,
     *,
-    top: ArrayLike = 1.0,
+    top: float = 1.0,
     best: ArrayLike | None = None,
     steps: int = 32,
 ) -> NDArray[np.float64]:
-    """One-sided ``1 - alpha`` lower bound on the mean ``mu`` of i.i.d. values in [0, 1], by betting; at most ``top``
-    (a number, or one per row).
+    """One-sided ``1 - alpha`` lower bound on the mean ``mu`` of i.i.d. values in [0, 1], by betting; at most ``top``.
 
     Row ``i`` of ``x`` holds one sequence; its first ``seen[i]`` values are used, and ``n[i] >= seen[i]`` is the
     number of values the sequence will have in all (fixed in advance).  For a candidate mean ``m`` a gambler bets
@@ -91,7 +90,8 @@ def betting_lower_bound(
     factor is positive for ``m <= top``) and Ville's inequality gives ``P(max_t K_t(mu) >= 1/alpha) <= alpha``.  The
     bound is the largest ``m`` in [0, top] that the capital rejects (``max_t K_t(m) >= 1/alpha``; the capital falls
     as ``m`` rises, so bisection finds it from below in ``steps`` halvings): below ``mu`` with probability at least
-    ``1 - alpha``.  It depends on the order of the values, not only on their counts.
+    ``1 - alpha``.  It depends on the order of the values, not only on their counts.  ``top`` caps the stakes, so it
+    must be fixed in advance, never read from the data (a bound clipped lower afterwards, by anything, stays sound).
 
     With ``best`` (the largest value each position ``seen[i] <= t < n[i]`` can still take), the result is instead an
     upper bound on the bound that all ``n[i]`` values will give, whatever they turn out to be: each missing factor is
@@ -101,8 +101,7 @@ def betting_lower_bound(
         raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
     xs = np.atleast_2d(np.asarray(x, dtype=np.float64))
     rows, width = xs.shape
-    top_arr = np.broadcast_to(np.asarray(top, dtype=np.float64), (rows,))
-    if np.any(top_arr <= 0.0) or np.any(top_arr > 1.0):
+    if not 0.0 < top <= 1.0:
         raise ValueError(f"top must lie in (0, 1], got {top}")
     seen_arr = np.broadcast_to(np.asarray(seen, dtype=np.int64), (rows,))
     n_arr = np.broadcast_to(np.asarray(n, dtype=np.int64), (rows,))
@@ -117,7 +116,7 @@ def betting_lower_bound(
     mu = (0.5 + np.cumsum(xs, axis=1)) / (t + 1)
     var = (0.25 + np.cumsum(np.where(used, (xs - mu) ** 2, 0.0), axis=1)) / (t + 1)
     var_before = np.concatenate([np.full((rows, 1), 0.25), var[:, :-1]], axis=1)
-    cap = (BET_CAP / top_arr)[:, None]
+    cap = BET_CAP / top
     threshold = np.log(1.0 / alpha)
     stake = np.where(used, np.minimum(np.sqrt(2.0 * threshold / (n_arr[:, None] * var_before)), cap), 0.0)
     best_values, best_counts = np.zeros(0), np.zeros((rows, 0))
@@ -129,7 +128,7 @@ def betting_lower_bound(
         best_counts = np.array(counted, dtype=np.float64).reshape(len(best_values), rows).T
     last = int(seen_arr.max()) if rows else 0  # columns past every row's seen values hold no bet
     gain, cost = (stake * xs)[:, :last], stake[:, :last]
-    lo, hi = np.zeros(rows), top_arr.copy()
+    lo, hi = np.zeros(rows), np.full(rows, float(top))
     for _ in range(steps):
         m = (lo + hi) / 2.0
         log_capital = np.cumsum(np.log1p(gain - cost * m[:, None]), axis=1)

@@ -202,7 +202,7 @@ def all_sequences(n: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("alpha", [0.05, 0.2, 0.4])
-@pytest.mark.parametrize("top", [0.5, 1.0])
+@pytest.mark.parametrize("top", [0.5, 0.5625, 1.0])
 def test_betting_bound_exact_coverage_by_enumeration(alpha: float, top: float) -> None:
     """Exact miscoverage over all 3^7 sequences of a three-point distribution, on a grid of its probabilities.
 
