@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _machine import cpu_model  # benchmarks/ is on sys.path when a script runs
+from _harness import cpu_model  # benchmarks/ is on sys.path when a script runs
 from torch import nn
 
 from approxtune.approximation import (

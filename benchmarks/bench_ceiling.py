@@ -40,21 +40,16 @@ alpha^(1/n_p))`` in place of the loss bound, a width no sound bound is known to 
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
-import os
-import platform
 import statistics
 from pathlib import Path
 
 import numpy as np
-import torch
-from _machine import cpu_model
-from bench_study import finished_trials, load_tuned, write_with_notes
+from _harness import distinct_trials, load_tuned, machine, parser, report_only, write_results, write_with_notes
 from scipy.stats import norm
 
-from approxtune.approximation import ApproximationConfig, apply_approximation
+from approxtune.approximation import apply_approximation
 from approxtune.irs import plausible_radii, replay
 from approxtune.statistics import lower_confidence_bound, radius
 
@@ -123,21 +118,16 @@ def model_scratch(q, target_sum: float, n_inputs: int, n0: int, sigma: float, ca
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--study", default="studies/digits.toml")
-    parser.add_argument("--study-results", default="benchmarks/study_results.json")
-    parser.add_argument("--rule", default="tail", help="the bench_study rule whose IRS ACR and scratch samples to use")
-    parser.add_argument("--out", default="benchmarks/ceiling_results")
-    parser.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json")
-    args = parser.parse_args()
-    out = Path(args.out)
-    if args.report_only:
-        write_report(json.loads(out.with_suffix(".json").read_text()), out)
+    p = parser(__doc__, "benchmarks/ceiling_results")
+    p.add_argument("--study-results", default="benchmarks/study_results.json")
+    p.add_argument("--rule", default="tail", help="the bench_study rule whose IRS ACR and scratch samples to use")
+    args = p.parse_args()
+    if report_only(args, write_report):
         return
     measured = json.loads(Path(args.study_results).read_text())["runs"][args.rule]
     by_trial = {row["trial"]: row for row in measured["trials"]}
     front = set(measured["summary"]["front"])
-    study, optuna_study, model, inputs, cache, _ = load_tuned(args.study)
+    (study, model, inputs, cache, _), optuna_study = load_tuned(args.study)
     n, sigma, n_inputs = cache.meta.n, cache.meta.sigma, len(cache)
     rows = np.flatnonzero(cache.certified)
     c_hat = cache.c_hat[rows, None]
@@ -145,13 +135,10 @@ def main() -> None:
     p = f_hit.mean(axis=1)
     grid = np.arange(0, n + 1, GRID_STEP)
     trials = []
-    for trial in finished_trials(optuna_study):
+    for trial, config in distinct_trials(optuna_study):
         row = by_trial[trial.number]
         if row["summary"] != trial.user_attrs["summary"]:
             raise SystemExit(f"trial {trial.number} differs from {args.study_results}: rerun bench_study.py first")
-        if trial.user_attrs.get("same_as") is not None:
-            continue
-        config = ApproximationConfig.from_dict(trial.user_attrs["config"])
         p_hit = replay(apply_approximation(model, config), inputs.x, cache, rows, n) == c_hat
         loss, gain = (f_hit & ~p_hit).mean(axis=1), (~f_hit & p_hit).mean(axis=1)
         d = loss - gain
@@ -194,7 +181,7 @@ def main() -> None:
     data = {
         "meta": {
             "command": f"python benchmarks/bench_ceiling.py --study {args.study} --rule {args.rule}",
-            "machine": f"{os.cpu_count()} cores {platform.machine()} ({cpu_model()}), torch {torch.__version__}",
+            "machine": machine(),
             "rule": args.rule,
             "n": n,
             "search_inputs": n_inputs,
@@ -204,8 +191,7 @@ def main() -> None:
         },
         "trials": trials,
     }
-    out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-    write_report(data, out)
+    write_results(data, args.out, write_report)
 
 
 def write_report(data: dict, out: Path) -> None:

@@ -47,7 +47,7 @@ import sys
 import time
 from pathlib import Path
 
-from _machine import cpu_model  # benchmarks/ is on sys.path when a script runs
+from _harness import cpu_model  # benchmarks/ is on sys.path when a script runs
 
 TUNED_MALLOC = "glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295"
 CONFIGS = ("default", "tuned")  # compared by default

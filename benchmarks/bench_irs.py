@@ -82,7 +82,7 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
 import contextlib  # noqa: E402
 
 import torch  # noqa: E402
-from _machine import cpu_model  # noqa: E402 (benchmarks/ is on sys.path when a script runs)
+from _harness import cpu_model  # noqa: E402 (benchmarks/ is on sys.path when a script runs)
 
 from approxtune import pipeline  # noqa: E402
 from approxtune.approximation import apply_approximation, preset  # noqa: E402

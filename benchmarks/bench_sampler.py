@@ -10,47 +10,32 @@ Evaluations are deterministic, so results are memoised by configuration across r
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import optuna
 import torch
-from optuna._hypervolume import compute_hypervolume
+from _harness import load, machine, parser
 
-from approxtune import pipeline, search
-from approxtune.config import load_study
+from approxtune import search
+from approxtune.hypervolume import study_hypervolume
 
 SAMPLERS = ("random", "nsga2", "tpe")
 
 
-def hypervolume(values: list[tuple[float, float, float]], base_acr: float, fp32_size: int) -> float:
-    """Hypervolume dominated by the points, in (ACR/base ACR, accuracy, size ratio) with reference (0, 0, 1)."""
-    loss = np.array([(-a / base_acr, -acc, s / fp32_size) for a, acc, s in values])
-    return float(compute_hypervolume(loss, np.array([0.0, 0.0, 1.0])))
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--study", default="studies/digits.toml")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--out", default="benchmarks/sampler_results")
-    args = parser.parse_args()
+    p = parser(__doc__, "benchmarks/sampler_results", rewrite=False)
+    p.add_argument("--seeds", type=int, default=3)
+    args = p.parse_args()
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = load_study(args.study)
     device = torch.device("cpu")
-    model = pipeline.ensure_model(study)
-    inputs = pipeline.load_inputs(study, "search")
-    cache, _ = pipeline.ensure_cache(study, model, inputs, "search", device=device)
-    base_accuracy = search.clean_accuracy(model, inputs)
+    loaded = load(args.study)
+    study, model, inputs, cache, base_accuracy = loaded
     attrs = search.study_attrs(study, cache, base_accuracy, model)
-    layers = search.searched_layers(study, model)
+    layers = loaded.layers
     memo: dict[str, tuple[float, float, int]] = {}
     evaluations = 0
 
@@ -73,7 +58,7 @@ def main() -> None:
             search.enqueue_baselines(optuna_study, study, layers)
             optuna_study.optimize(objective, n_trials=study.search.trials)
             values = [tuple(t.values) for t in optuna_study.best_trials]
-            hv = hypervolume(values, attrs["base_acr"], attrs["fp32_size_bytes"])
+            hv = study_hypervolume(values, attrs["base_acr"], attrs["fp32_size_bytes"])
             results[name].append(hv)
             print(
                 f"seed {seed} {name:7s} hypervolume {hv:.4f}  front {len(values)}  ({evaluations} evaluations so far)"
@@ -81,7 +66,7 @@ def main() -> None:
 
     summary = {name: {"median": statistics.median(v), "all": v} for name, v in results.items()}
     meta = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "machine": machine(torch.get_num_threads()),
         "optuna": optuna.__version__,
         "command": f"python benchmarks/bench_sampler.py --study {args.study} --seeds {args.seeds}",
         "trials": study.search.trials,

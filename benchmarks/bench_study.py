@@ -30,27 +30,34 @@ per-trial certificates.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
-import optuna
 import torch
-from bench_sampler import hypervolume
+from _harness import (
+    SCRATCH_GRID,
+    finished_trials,
+    load_tuned,
+    machine,
+    parser,
+    report_only,
+    scratch_acr,
+    scratch_grid,
+    write_results,
+    write_with_notes,
+)
 
-from approxtune import pipeline, search
+from approxtune import search
 from approxtune.approximation import ApproximationConfig, apply_approximation, fp32_size_bytes
 from approxtune.certification import certify
-from approxtune.config import load_study
+from approxtune.hypervolume import study_hypervolume
 from approxtune.noise import input_seeds
-from approxtune.statistics import acr, lower_confidence_bound, radius
+from approxtune.statistics import acr
 
 RULES = {  # every rule at total confidence 1 - 0.002; "-disagreement": the paper's zeta on all f^p != f; "-signed":
     # the betting bound on losses minus gains
@@ -62,8 +69,6 @@ RULES = {  # every rule at total confidence 1 - 0.002; "-disagreement": the pape
     "gamma": {"mode": "gamma", "gamma": 0.99, "alpha_zeta": 0.001, "alpha_d": 0.001, "zeta": "loss"},
     "tail-pilot16": {"mode": "tail", "pilot": 16, "alpha_zeta": 0.001, "alpha_d": 0.001, "zeta": "loss"},
 }
-GRID = 16
-NOTES = "<!-- notes: kept when the script rewrites the tables above -->"
 
 
 def _timed(fn):
@@ -81,16 +86,14 @@ def scratch_curve(approx, inputs, seeds, cache, study) -> tuple[np.ndarray, np.n
 
 
 def scratch_at_equal_acr(approx, inputs, seeds, cache, study, curve, alpha_b: float, target: float) -> dict:
-    """The smallest n_s (grid of 16) whose scratch ACR at ``alpha_b`` reaches ``target``; CERTIFY there, timed."""
+    """The smallest n_s (:func:`scratch_grid`) whose scratch ACR at ``alpha_b`` reaches ``target``; CERTIFY there,
+    timed."""
     c_hat, counts = curve
     correct = c_hat == inputs.y.numpy()
-    n, n0 = cache.meta.n, study.certify.n0
-    n_s, value = n, 0.0
-    for k in [*range(GRID, n, GRID), n]:
-        value = acr(radius(lower_confidence_bound(counts[:, k - 1], k, alpha_b), cache.meta.sigma) * correct)
-        if value >= target:
-            n_s = k
-            break
+    n, n0, sigma = cache.meta.n, study.certify.n0, cache.meta.sigma
+    ks = scratch_grid(0, n, n)
+    n_s = next((k for k in ks if scratch_acr(counts, correct, sigma, alpha_b, k) >= target), n)
+    value = scratch_acr(counts, correct, sigma, alpha_b, n_s)
     c = study.certify
     result, seconds = _timed(
         functools.partial(certify, approx, inputs.x, seeds, cache.meta.sigma, n0, n_s, alpha_b, batch_size=c.batch_size)
@@ -106,42 +109,17 @@ def scratch_at_equal_acr(approx, inputs, seeds, cache, study, curve, alpha_b: fl
     }
 
 
-def load_tuned(path: str):
-    """``(study, optuna study, model, search inputs, base cache, base accuracy)`` of a study that has been tuned."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = load_study(path)
-    optuna_study = search.load_existing_study(study)
-    if optuna_study is None:
-        raise SystemExit(f"no study yet: run `approxtune tune {path}` first")
-    model = pipeline.ensure_model(study)
-    inputs = pipeline.load_inputs(study, "search")
-    cache, base_accuracy = pipeline.ensure_cache(study, model, inputs, "search", device=torch.device("cpu"))
-    return study, optuna_study, model, inputs, cache, base_accuracy
-
-
-def finished_trials(optuna_study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """The study's COMPLETE and PRUNED (stopped by racing) trials, in trial order."""
-    return optuna_study.get_trials(
-        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    )
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--study", default="studies/digits.toml")
-    parser.add_argument("--out", default="benchmarks/study_results")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--race", help="comma-separated racing stages (default: the study's search.race)")
-    parser.add_argument("--rules", nargs="+", choices=tuple(RULES), default=list(RULES))
-    parser.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json")
-    args = parser.parse_args()
-    out = Path(args.out)
-    if args.report_only:
-        write_report(json.loads(out.with_suffix(".json").read_text()), out)
+    p = parser(__doc__, "benchmarks/study_results")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--race", help="comma-separated racing stages (default: the study's search.race)")
+    p.add_argument("--rules", nargs="+", choices=tuple(RULES), default=list(RULES))
+    args = p.parse_args()
+    if report_only(args, write_report):
         return
 
     torch.set_num_threads(args.threads)
-    study, optuna_study, model, inputs, cache, base_accuracy = load_tuned(args.study)
+    (study, model, inputs, cache, base_accuracy), optuna_study = load_tuned(args.study)
     race = [float(x) for x in args.race.split(",")] if args.race else study.search.race
     if not race:
         raise SystemExit("no racing stages: pass --race 0.125,0.25,0.5")
@@ -198,7 +176,7 @@ def main() -> None:
         + " ".join(args.rules)
         + (f" --race {args.race}" if args.race else ""),
         "study": args.study,
-        "machine": f"{os.cpu_count()} cores {platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)",
+        "machine": machine(args.threads),
         "load_average": os.getloadavg(),
         "trials": len(finished),
         "search_inputs": len(inputs),
@@ -215,7 +193,7 @@ def main() -> None:
         def hv(selected: list[dict], plain=plain) -> float:
             points = [(x["acr_irs"], x["accuracy"], x["size_bytes"]) for x in selected]
             feasible = [v for v in points if search.constraint_violation(plain, base_accuracy, fp32_size, v) is None]
-            return hypervolume(feasible, float(cache.summary()["acr"]), fp32_size) if feasible else 0.0
+            return study_hypervolume(feasible, float(cache.summary()["acr"]), fp32_size)
 
         def values(x: dict) -> search.Values:
             return (x["acr_irs"], x["accuracy"], x["size_bytes"])
@@ -254,9 +232,7 @@ def main() -> None:
             },
             "trials": r,
         }
-    data = {"meta": meta, "runs": runs}
-    out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-    write_report(data, out)
+    write_results({"meta": meta, "runs": runs}, args.out, write_report)
 
 
 def write_report(data: dict, out: Path) -> None:
@@ -273,8 +249,8 @@ def write_report(data: dict, out: Path) -> None:
         f"- {m['trials']} trials of the study in trial order, {m['search_inputs']} search inputs, n = {m['n']}, "
         f"n0 = {m['n0']}, n_p = {m['n_p']}, racing stages {m['race']}",
         "- IRS times include building f^p and its clean accuracy (a few ms); scratch is Cohen's CERTIFY with fresh "
-        f"noise at the rule's total confidence and the smallest n_s (grid of {GRID}) whose ACR reaches the trial's "
-        "IRS ACR, timed at that n_s; hypervolume of the feasible front of all trials vs of the trials racing "
+        f"noise at the rule's total confidence and the smallest n_s (grid of {SCRATCH_GRID}) whose ACR reaches the "
+        "trial's IRS ACR, timed at that n_s; hypervolume of the feasible front of all trials vs of the trials racing "
         "completed, in (ACR / base ACR, accuracy, size / fp32 size) with reference (0, 0, 1)",
         "",
         "| rule | α_ζ / α_d | confidence | mean ACR | IRS s | IRS + racing s | scratch s | scratch / IRS "
@@ -299,12 +275,6 @@ def write_report(data: dict, out: Path) -> None:
         )
     write_with_notes(out.with_suffix(".md"), lines)
     print(out.with_suffix(".md").read_text())
-
-
-def write_with_notes(path: Path, lines: list[str]) -> None:
-    """Write ``lines`` (the generated tables), then NOTES and the notes ``path`` already had below it."""
-    notes = path.read_text().split(NOTES, 1)[1] if path.exists() and NOTES in path.read_text() else "\n"
-    path.write_text("\n".join(lines) + "\n\n" + NOTES + notes)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,7 @@ from pathlib import Path
 
 import optuna
 import torch
-from _machine import cpu_model  # benchmarks/ is on sys.path when a script runs
-from bench_study import write_with_notes
+from _harness import cpu_model, write_with_notes  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parent.parent
 

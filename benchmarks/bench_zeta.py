@@ -22,19 +22,14 @@ Each is turned into an ACR two ways, at the default study's total confidence 1 -
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import statistics
 from pathlib import Path
 
 import numpy as np
 import torch
-from _machine import cpu_model
-from bench_study import finished_trials, load_tuned
+from _harness import distinct_trials, load_tuned, machine, parser, report_only, write_results
 
-from approxtune.approximation import ApproximationConfig, apply_approximation
+from approxtune.approximation import apply_approximation
 from approxtune.irs import replay, signed_room, signed_zeta
 from approxtune.statistics import acr, lower_confidence_bound, radius, upper_confidence_bound
 
@@ -56,12 +51,11 @@ def zeta_bounds(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--study", default="studies/digits.toml")
-    parser.add_argument("--out", default="benchmarks/zeta_results")
-    args = parser.parse_args()
+    args = parser(__doc__, "benchmarks/zeta_results").parse_args()
+    if report_only(args, write_report):
+        return
     torch.set_num_threads(1)
-    study, optuna_study, model, inputs, cache, _ = load_tuned(args.study)
+    (study, model, inputs, cache, _), optuna_study = load_tuned(args.study)
     n_p, sigma, n_inputs = study.irs.n_p, cache.meta.sigma, len(cache)
     rows = np.flatnonzero(cache.certified)
     p_a = cache.p_a[rows]
@@ -70,10 +64,7 @@ def main() -> None:
     f_preds = np.asarray(cache.predictions[rows, :n_p])
     f_hit = f_preds == c_hat
     trials = []
-    for trial in finished_trials(optuna_study):
-        if trial.user_attrs.get("same_as") is not None:
-            continue
-        config = ApproximationConfig.from_dict(trial.user_attrs["config"])
+    for trial, config in distinct_trials(optuna_study):
         preds = replay(apply_approximation(model, config), inputs.x, cache, rows, n_p)
         p_hit = preds == c_hat
         dis = (preds != f_preds).sum(axis=1)
@@ -102,7 +93,7 @@ def main() -> None:
     data = {
         "meta": {
             "command": f"python benchmarks/bench_zeta.py --study {args.study}",
-            "machine": f"{os.cpu_count()} cores {platform.machine()} ({cpu_model()}), torch {torch.__version__}",
+            "machine": machine(),
             "n": cache.meta.n,
             "n_p": n_p,
             "search_inputs": n_inputs,
@@ -110,9 +101,7 @@ def main() -> None:
         },
         "trials": trials,
     }
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-    write_report(data, out)
+    write_results(data, args.out, write_report)
 
 
 def write_report(data: dict, out: Path) -> None:
