@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from approxtune import cache as cache_mod
-from approxtune import pipeline, report, search
+from approxtune import guided, pipeline, report, search
 from approxtune.cache import BaseCache, CacheError, CacheMeta, load_cache
 from approxtune.config import Study, load_study
 from approxtune.data import Inputs
@@ -220,7 +220,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
         inputs = pipeline.load_inputs(study, "search")
     attrs = search.study_attrs(study, cache, base_accuracy, model)
     layers = search.searched_layers(study, model)
-    opened = search.create_study(study, attrs, layers)
+    guide = _guide(study, model, inputs, cache, layers, device) if study.search.sampler == "guided" else None
+    opened = search.create_study(study, attrs, layers, guide=guide)
     optuna_study = opened.study
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -268,6 +269,23 @@ def cmd_tune(args: argparse.Namespace) -> None:
     if repeats:
         console.print(f"{repeats} trial(s) repeated an earlier configuration and took its result without sampling.")
     _show_front(study, optuna_study, as_json=False)
+
+
+def _guide(
+    study: Study, model: torch.nn.Module, inputs: Inputs, cache: BaseCache, layers: list[str], device: torch.device
+) -> guided.Guide:
+    """The guided sampler's guide: layer sensitivities reused from beside the cache, or measured now (with a bar)."""
+    with progress_bar("layer sensitivities", guided.guide_variants(study, layers)) as advance:
+        guide, measured = guided.build_guide(study, model, inputs.x, cache, layers, device=device, progress=advance)
+    s = guide.sensitivity
+    trial = study.irs.n_p * max(len(s.rows), 1)
+    verb = "Measured" if measured else "Reusing"
+    console.print(
+        f"{verb} the layer sensitivities ({len(s.lost)} single-layer choices, {s.samples:,} forward passes = "
+        f"{s.samples / trial:.2f} x n_p x inputs, {s.seconds:.1f} s to measure; noise samples IRS never replays)",
+        highlight=False,
+    )
+    return guide
 
 
 def _worker_artifacts(

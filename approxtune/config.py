@@ -20,6 +20,7 @@ from typing import Any
 from approxtune.approximation import PRECISIONS
 from approxtune.irs import IRSSettings, Mode, Zeta
 from approxtune.models import ARCHITECTURES
+from approxtune.sensitivity import guide_start
 
 __all__ = ["ConfigError", "Study", "load_study"]
 
@@ -122,6 +123,8 @@ class SearchSection:
     """Seconds without a heartbeat after which a running trial is failed and retried by another worker."""
     race: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5])
     """Fractions of a trial's replay after which it stops if it cannot reach the front ([] turns racing off)."""
+    guide_samples: int = 8
+    """Sampler "guided": noise samples per input on which each single layer choice is measured (never replayed)."""
     constraints: ConstraintsSection = field(default_factory=ConstraintsSection)
 
 
@@ -135,7 +138,7 @@ SECTIONS: dict[str, type] = {
     "search": SearchSection,
 }
 DATASETS = ("digits", "cifar10", "imagefolder", "tensors")
-SAMPLERS = ("nsga2", "tpe", "random")
+SAMPLERS = ("nsga2", "tpe", "random", "guided")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -277,6 +280,14 @@ def _validate(s: Study) -> None:
             s.irs_settings.tail_length(c.n)
         except ValueError as exc:
             raise ConfigError(f"irs (mode 'tail'): {exc}") from None
+    _require(q.guide_samples >= 1, f"search.guide_samples must be at least 1, got {q.guide_samples}")
+    if q.sampler == "guided":
+        start = guide_start(s.irs_settings, c.n)  # irs was validated above
+        _require(
+            start + q.guide_samples <= c.n,
+            f"search.guide_samples = {q.guide_samples} does not fit in the {c.n - start} cached samples per input that "
+            "IRS never replays (the tail in tail mode, else the samples after n_p): lower it or raise certify.n",
+        )
     _choice("model.arch", s.model.arch, tuple(ARCHITECTURES))
     _choice("data.dataset", d.dataset, DATASETS)
     _require(d.search_inputs >= 1 and d.report_inputs >= 1, "data.search_inputs and data.report_inputs must be >= 1")

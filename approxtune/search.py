@@ -67,6 +67,7 @@ from approxtune.approximation import (
 from approxtune.cache import BaseCache
 from approxtune.config import Study
 from approxtune.data import Inputs
+from approxtune.guided import Guide, GuidedSampler
 from approxtune.irs import IRSRun
 
 __all__ = [
@@ -359,10 +360,17 @@ TAIL_ATTRS = ("n_tail", "allocate", "block", "pilot")
 """Checked on resume as well when the IRS mode is "tail" (the other modes ignore them)."""
 
 
-def make_sampler(study: Study, seed: int | None = None) -> optuna.samplers.BaseSampler:
-    """The study's sampler, seeded (``study.seed`` unless ``seed``); it reads the trials' constraints."""
+def make_sampler(study: Study, seed: int | None = None, guide: Guide | None = None) -> optuna.samplers.BaseSampler:
+    """The study's sampler, seeded (``study.seed`` unless ``seed``); it reads the trials' constraints.
+
+    ``"guided"`` needs the study's ``guide`` (:func:`approxtune.guided.build_guide`).
+    """
     seed = study.study.seed if seed is None else seed
     name = study.search.sampler
+    if name == "guided":
+        if guide is None:
+            raise ValueError('search.sampler = "guided" needs the layer sensitivities: build them with build_guide')
+        return GuidedSampler(guide, seed=seed)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=study.search.population, seed=seed)
     if name == "tpe":
@@ -485,7 +493,12 @@ class OpenedStudy:
 
 
 def create_study(
-    study: Study, attrs: dict, layers: Sequence[str] = (), *, setup_timeout: float = SETUP_TIMEOUT
+    study: Study,
+    attrs: dict,
+    layers: Sequence[str] = (),
+    *,
+    setup_timeout: float = SETUP_TIMEOUT,
+    guide: Guide | None = None,
 ) -> OpenedStudy:
     """Create the Optuna study, or join it; refuse one recorded against another cache or IRS setting.
 
@@ -494,6 +507,7 @@ def create_study(
     ``layers``, when ``search.baselines``), then records ``attrs`` and the metric names, the cache fingerprint last.
     A joining worker waits (``setup_timeout`` seconds at most) for that fingerprint, checks ``attrs`` against what
     the study recorded, and samples with a seed of its own: workers seeded alike would propose the same trials.
+    ``guide``: the guided sampler's predictions (``search.sampler = "guided"``).
     """
     optuna_storage = _storage_of(study)
     try:
@@ -501,12 +515,14 @@ def create_study(
             study_name=study.name,
             storage=optuna_storage,
             directions=list(DIRECTIONS),
-            sampler=make_sampler(study),
+            sampler=make_sampler(study, guide=guide),
             load_if_exists=False,
         )
     except optuna.exceptions.DuplicatedStudyError:
         optuna_study = optuna.load_study(
-            study_name=study.name, storage=optuna_storage, sampler=make_sampler(study, seed=_worker_seed(study))
+            study_name=study.name,
+            storage=optuna_storage,
+            sampler=make_sampler(study, seed=_worker_seed(study), guide=guide),
         )
         recorded = _wait_for_setup(optuna_study, study, setup_timeout)
         _check_recorded(study, recorded, attrs)

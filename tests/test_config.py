@@ -49,6 +49,12 @@ def test_cache_paths_differ_in_every_setting_the_cache_depends_on(tmp_path):
     assert paths("[irs]\nn_p = 100\n[search]\ntrials = 5\n[certify]\nbatch_size = 64") == (search, report)
 
 
+def test_guided_sampler_and_its_samples(tmp_path):
+    study = load_study(write(tmp_path, "[search]\nsampler = 'guided'\nguide_samples = 5000"))
+    assert (study.search.sampler, study.search.guide_samples) == ("guided", 5000)  # the whole tail of n = 10000
+    assert load_study(write(tmp_path, "")).search.guide_samples == 8
+
+
 def test_tail_mode_keys_reach_the_irs_settings(tmp_path):
     text = "[irs]\nmode = 'tail'\nn_tail = 1500\nn_p = 300\npilot = 16\nallocate = false\nblock = 8"
     settings = load_study(write(tmp_path, text)).irs_settings
@@ -105,6 +111,9 @@ def test_digits_variants_differ_only_in_sigma():
         ("[irs]\nmode = 'tail'\npilot = 400", "pilot = 400 must be below n_p = 400"),
         ("[search]\nrace = [0.5, 0.25]", "search.race must list increasing fractions"),
         ("[search]\nrace = [1.0]", "search.race must list increasing fractions"),
+        ("[search]\nguide_samples = 0", "search.guide_samples must be at least 1"),
+        ("[search]\nsampler = 'guided'\nguide_samples = 5001", "does not fit in the 5000 cached samples"),
+        ("[irs]\nmode = 'max'\n[search]\nsampler = 'guided'\nguide_samples = 9601", "in the 9600 cached samples"),
     ],
 )
 def test_bad_input(tmp_path, text, message):
