@@ -39,14 +39,20 @@ def _key(study, cache):
     return measurement_key(cache, LAYERS, s.precisions, s.prune, start, s.guide_samples)
 
 
-@pytest.mark.parametrize("irs", [{}, {"mode": "max"}, {"mode": "gamma"}, {"n_tail": 60, "n_p": 90}])
+@pytest.mark.parametrize(
+    "irs", [{}, {"allocate": False}, {"mode": "max"}, {"mode": "gamma"}, {"n_tail": 60, "n_p": 90}]
+)
 def test_guide_positions_lie_beyond_every_sample_irs_replays(setup, irs):
+    """The replay reaches the last sample before the guide positions (n_p = n - n_tail without allocation, n_p in the
+    other modes) and never one of them."""
     _, study, model, inputs, cache, _, _ = setup
     study = dataclasses.replace(study, irs=dataclasses.replace(study.irs, **irs))
     start = guide_start(study.irs_settings, cache.meta.n)
     worst = ApproximationConfig({name: LayerChoice("int4", 0.5) for name in LAYERS})
     run = IRSRun(apply_approximation(model, worst), inputs.x, cache, study.irs_settings)
     assert run.counts.max() <= start < cache.meta.n
+    if irs.get("allocate") is False or irs.get("mode"):
+        assert run.counts.max() == start
 
 
 def test_measure_reads_only_guide_positions(setup, monkeypatch):
@@ -115,6 +121,11 @@ def test_stored_beside_the_cache_reused_and_remeasured_when_the_key_changes(setu
     assert all(np.array_equal(again.clean[k], measured.clean[k]) for k in measured.clean)
     other = {**key, "samples": key["samples"] - 1}
     _, fresh = ensure_sensitivity(cache_path, model, inputs.x, cache, other)
+    assert fresh
+    # A file under this key's name that holds another measurement (copied by hand, say) is not trusted.
+    path = sensitivity.sensitivity_path(cache_path, key)
+    path.write_text(sensitivity.sensitivity_path(cache_path, other).read_text())
+    _, fresh = ensure_sensitivity(cache_path, model, inputs.x, cache, key)
     assert fresh
     sensitivity.sensitivity_path(cache_path, key).write_text("{not json")
     _, fresh = ensure_sensitivity(cache_path, model, inputs.x, cache, key)
