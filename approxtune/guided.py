@@ -40,7 +40,14 @@ from approxtune.cache import BaseCache
 from approxtune.config import Study
 from approxtune.hypervolume import STUDY_REFERENCE, hypervolume, to_loss
 from approxtune.irs import IRSSettings
-from approxtune.sensitivity import Sensitivity, ensure_sensitivity, guide_start, measurement_key, single_choices
+from approxtune.sensitivity import (
+    Sensitivity,
+    ensure_sensitivity,
+    guide_start,
+    measure,
+    measurement_key,
+    single_choices,
+)
 
 __all__ = ["Guide", "GuidedSampler", "build_guide", "guide_variants"]
 
@@ -272,13 +279,8 @@ def build_guide(
     key = measurement_key(cache, layers, space.precisions, space.prune, start, space.guide_samples)
     sensitivity, measured = ensure_sensitivity(
         study.cache_path("search"),
-        model,
-        x,
-        cache,
         key,
-        batch_size=study.certify.batch_size,
-        device=device,
-        progress=progress,
+        lambda: measure(model, x, cache, key, batch_size=study.certify.batch_size, device=device, progress=progress),
     )
     guide = Guide(sensitivity, model, settings, space.precisions, space.prune, float(cache.summary()["acr"]))
     return guide, measured

@@ -296,18 +296,9 @@ def sensitivity_path(cache_path: Path, key: dict) -> Path:
     return cache_path.with_name(f"{cache_path.name.removesuffix('.cache')}.sensitivity-{digest}.json")
 
 
-def ensure_sensitivity(
-    cache_path: Path,
-    model: nn.Module,
-    x: torch.Tensor,
-    cache: BaseCache,
-    key: dict,
-    *,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    device: torch.device | str = "cpu",
-    progress: Callable[[int], None] | None = None,
-) -> tuple[Sensitivity, bool]:
-    """The stored measurement of ``key`` beside the cache at ``cache_path``, or a new one written there atomically.
+def ensure_sensitivity(cache_path: Path, key: dict, measure_now: Callable[[], Sensitivity]) -> tuple[Sensitivity, bool]:
+    """The stored measurement of ``key`` beside the cache at ``cache_path``, or ``measure_now()`` written there
+    atomically.
 
     Returns it and whether it was measured now.  A file of another key, format or an unreadable one is measured again;
     a folder this process may not write to (a worker reading a shared cache) keeps the new measurement in memory only.
@@ -319,7 +310,7 @@ def ensure_sensitivity(
             return stored, False
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    result = measure(model, x, cache, key, batch_size=batch_size, device=device, progress=progress)
+    result = measure_now()
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(result.to_json())

@@ -8,10 +8,10 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from _studies import tiny_study
+from _studies import load_tiny, tiny_study
 from torch import nn
 
-from approxtune import guided, pipeline, search
+from approxtune import guided, search
 from approxtune.approximation import ApproximationConfig, model_size_bytes
 from approxtune.cache import CertifySettings, build_base_cache
 from approxtune.cli import main
@@ -23,15 +23,11 @@ from approxtune.hypervolume import study_hypervolume
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("guided")
-    path = root / "guided.toml"
-    path.write_text(tiny_study("guided", seed=4).replace("[search]\n", "[search]\nsampler = 'guided'\n"))
+    text = tiny_study("guided", seed=4).replace("[search]\n", "[search]\nsampler = 'guided'\n")
+    study, model, inputs, cache = load_tiny(root, "guided", text)
+    layers = search.searched_layers(study, model)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        study = load_study(path)
-        model = pipeline.ensure_model(study)
-        inputs = pipeline.load_inputs(study, "search")
-        cache, _ = pipeline.ensure_cache(study, model, inputs, "search", device=torch.device("cpu"))
-        layers = search.searched_layers(study, model)
         guide, measured = guided.build_guide(study, model, inputs.x, cache, layers)
     assert measured
     return study, model, inputs, cache, layers, guide

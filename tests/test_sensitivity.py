@@ -5,12 +5,11 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from _studies import tiny_study
+from _studies import load_tiny, tiny_study
 from scipy.stats import spearmanr
 
-from approxtune import pipeline, search, sensitivity
+from approxtune import search, sensitivity
 from approxtune.approximation import ApproximationConfig, LayerChoice, apply_approximation
-from approxtune.config import load_study
 from approxtune.irs import IRSRun
 from approxtune.noise import Stream, sample_noise
 from approxtune.sensitivity import Sensitivity, ensure_sensitivity, guide_start, measure, measurement_key
@@ -21,14 +20,8 @@ LAYERS = ("conv1", "conv2", "fc1", "fc2")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sensitivity")
-    path = root / "sens.toml"
-    path.write_text(tiny_study("sens", seed=5).replace("[search]\n", "[search]\nguide_samples = 6\n"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        study = load_study(path)
-        model = pipeline.ensure_model(study)
-        inputs = pipeline.load_inputs(study, "search")
-        cache, _ = pipeline.ensure_cache(study, model, inputs, "search", device=torch.device("cpu"))
+    text = tiny_study("sens", seed=5).replace("[search]\n", "[search]\nguide_samples = 6\n")
+    study, model, inputs, cache = load_tiny(root, "sens", text)
     key = _key(study, cache)
     return root, study, model, inputs, cache, key, measure(model, inputs.x, cache, key)
 
@@ -113,22 +106,22 @@ def test_cost_and_rows(setup):
 def test_stored_beside_the_cache_reused_and_remeasured_when_the_key_changes(setup):
     root, study, model, inputs, cache, key, measured = setup
     cache_path = root / study.cache_path("search")
-    first, fresh = ensure_sensitivity(cache_path, model, inputs.x, cache, key)
+    first, fresh = ensure_sensitivity(cache_path, key, lambda: measure(model, inputs.x, cache, key))
     assert fresh and sensitivity.sensitivity_path(cache_path, key).parent == cache_path.parent
-    again, fresh = ensure_sensitivity(cache_path, model, inputs.x, cache, key)
+    again, fresh = ensure_sensitivity(cache_path, key, lambda: measure(model, inputs.x, cache, key))
     assert not fresh and again.seconds == first.seconds
     assert all(np.array_equal(again.lost[k], measured.lost[k]) for k in measured.lost)
     assert all(np.array_equal(again.clean[k], measured.clean[k]) for k in measured.clean)
     other = {**key, "samples": key["samples"] - 1}
-    _, fresh = ensure_sensitivity(cache_path, model, inputs.x, cache, other)
+    _, fresh = ensure_sensitivity(cache_path, other, lambda: measure(model, inputs.x, cache, other))
     assert fresh
     # A file under this key's name that holds another measurement (copied by hand, say) is not trusted.
     path = sensitivity.sensitivity_path(cache_path, key)
     path.write_text(sensitivity.sensitivity_path(cache_path, other).read_text())
-    _, fresh = ensure_sensitivity(cache_path, model, inputs.x, cache, key)
+    _, fresh = ensure_sensitivity(cache_path, key, lambda: measure(model, inputs.x, cache, key))
     assert fresh
     sensitivity.sensitivity_path(cache_path, key).write_text("{not json")
-    _, fresh = ensure_sensitivity(cache_path, model, inputs.x, cache, key)
+    _, fresh = ensure_sensitivity(cache_path, key, lambda: measure(model, inputs.x, cache, key))
     assert fresh
 
 
@@ -174,14 +167,9 @@ n_p = 200
 
 
 @pytest.mark.slow
-def test_predicted_acr_ranks_configurations_like_irs(tmp_path, monkeypatch):
+def test_predicted_acr_ranks_configurations_like_irs(tmp_path):
     """On random configurations of a small digits study, predicted and certified ACR agree in rank (about 0.9)."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "mid.toml").write_text(MID)
-    study = load_study(tmp_path / "mid.toml")
-    model = pipeline.ensure_model(study)
-    inputs = pipeline.load_inputs(study, "search")
-    cache, _ = pipeline.ensure_cache(study, model, inputs, "search", device=torch.device("cpu"))
+    study, model, inputs, cache = load_tiny(tmp_path, "mid", MID)
     measured = measure(model, inputs.x, cache, _key(study, cache))
     rng = np.random.default_rng(0)
     predicted, certified = [], []
@@ -204,6 +192,6 @@ def test_a_folder_it_cannot_write_keeps_the_measurement_in_memory(setup, monkeyp
         raise PermissionError("read-only")
 
     monkeypatch.setattr(sensitivity.os, "replace", refuse)
-    result, fresh = ensure_sensitivity(cache_path, model, inputs.x, cache, key)
+    result, fresh = ensure_sensitivity(cache_path, key, lambda: measure(model, inputs.x, cache, key))
     assert fresh and list(cache_path.parent.iterdir()) == []
     assert all(np.array_equal(result.lost[k], measured.lost[k]) for k in measured.lost)
