@@ -20,7 +20,6 @@ from typing import Any
 from approxtune.approximation import PRECISIONS
 from approxtune.irs import IRSSettings, Mode, Zeta
 from approxtune.models import ARCHITECTURES
-from approxtune.sensitivity import guide_start
 
 __all__ = ["ConfigError", "Study", "load_study"]
 
@@ -280,14 +279,6 @@ def _validate(s: Study) -> None:
             s.irs_settings.tail_length(c.n)
         except ValueError as exc:
             raise ConfigError(f"irs (mode 'tail'): {exc}") from None
-    _require(q.guide_samples >= 1, f"search.guide_samples must be at least 1, got {q.guide_samples}")
-    if q.sampler == "guided":
-        start = guide_start(s.irs_settings, c.n)  # irs was validated above
-        _require(
-            start + q.guide_samples <= c.n,
-            f"search.guide_samples = {q.guide_samples} does not fit in the {c.n - start} cached samples per input that "
-            "IRS never replays (the tail in tail mode, else the samples after n_p): lower it or raise certify.n",
-        )
     _choice("model.arch", s.model.arch, tuple(ARCHITECTURES))
     _choice("data.dataset", d.dataset, DATASETS)
     _require(d.search_inputs >= 1 and d.report_inputs >= 1, "data.search_inputs and data.report_inputs must be >= 1")
@@ -297,6 +288,7 @@ def _validate(s: Study) -> None:
     )
     _require(q.trials >= 0 and q.timeout >= 0, "search.trials and search.timeout must be >= 0")
     _choice("search.sampler", q.sampler, SAMPLERS)
+    _require(q.guide_samples >= 1, f"search.guide_samples must be at least 1, got {q.guide_samples}")
     _require(bool(q.precisions), "search.precisions must name at least one precision")
     for precision in q.precisions:
         _choice("search.precisions", precision, PRECISIONS)

@@ -43,7 +43,6 @@ from approxtune.irs import IRSSettings
 from approxtune.sensitivity import (
     Sensitivity,
     ensure_sensitivity,
-    guide_start,
     measure,
     measurement_key,
     single_choices,
@@ -273,10 +272,8 @@ def build_guide(
 
     ``x``: the search inputs in cache order; ``layers``: the searched layers.
     """
-    settings = study.irs_settings
-    start = guide_start(settings, cache.meta.n)
-    space = study.search
-    key = measurement_key(cache, layers, space.precisions, space.prune, start, space.guide_samples)
+    settings, space = study.irs_settings, study.search
+    key = measurement_key(cache, layers, space.precisions, space.prune, settings, space.guide_samples)
     sensitivity, measured = ensure_sensitivity(
         study.cache_path("search"),
         key,

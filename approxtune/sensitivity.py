@@ -9,7 +9,10 @@ clean search input.  f's own classes on the guide positions are in the cache, so
 paid: ``choices x (rows x guide_samples + search inputs)`` in all (:attr:`Sensitivity.samples`).
 
 **Guide positions** are cached estimation samples that no IRS replay ever reads: the tail ``[n - n_tail, n)`` in tail
-mode (which IRS never replays), ``[n_p, n)`` in the other modes (IRS replays the first ``n_p``).
+mode (which IRS never replays), ``[n_p, n)`` in the other modes (IRS replays the first ``n_p``).  Where they are too
+few (``n_p`` close to ``n`` outside tail mode), the guide draws noise stream FRESH of the search inputs instead, which
+no cache or certificate of them uses, and pays f's forward passes there too (``FRESH_F_SAMPLES`` per input, for f's
+frequency of ``c_hat``).
 
 **Why the guide spends no confidence and biases no certificate.**  Everything the guide reads -- the inputs, their
 labels, ``c_hat`` (from the independent selection stream), f's and the ``f_lc``'s classes on guide positions, clean
@@ -59,13 +62,15 @@ __all__ = [
     "FORMAT_VERSION",
     "Sensitivity",
     "ensure_sensitivity",
-    "guide_start",
+    "guide_positions",
     "measure",
     "sensitivity_path",
     "single_choices",
 ]
 
 FORMAT_VERSION = 1
+FRESH_F_SAMPLES = 64
+"""Samples per input of f on stream FRESH (when no cached sample is free) that give f's frequency of c_hat."""
 
 
 def single_choices(precisions: Sequence[str], prune: Sequence[float]) -> list[LayerChoice]:
@@ -73,9 +78,11 @@ def single_choices(precisions: Sequence[str], prune: Sequence[float]) -> list[La
     return [LayerChoice(p, 0.0) for p in precisions if p != "fp32"] + [LayerChoice("fp32", a) for a in prune if a > 0]
 
 
-def guide_start(settings: IRSSettings, n: int) -> int:
-    """First guide position: ``n - n_tail`` in tail mode (IRS never replays the tail), else ``n_p``."""
-    return n - settings.tail_length(n) if settings.mode is Mode.TAIL else settings.n_p
+def guide_positions(settings: IRSSettings, n: int, samples: int) -> tuple[Stream, int]:
+    """Where the guide measures ``samples`` per input: ``(ESTIMATION, first position no replay reads)`` -- ``n -
+    n_tail`` in tail mode, ``n_p`` otherwise -- when they fit in the cache's ``n``, else ``(FRESH, 0)``."""
+    start = n - settings.tail_length(n) if settings.mode is Mode.TAIL else settings.n_p
+    return (Stream.ESTIMATION, start) if start + samples <= n else (Stream.FRESH, 0)
 
 
 def _clean_classes(model: nn.Module, x: torch.Tensor, device: torch.device | str) -> np.ndarray:
@@ -218,14 +225,22 @@ def _parts(choice: LayerChoice) -> list[LayerChoice]:
 
 
 def measurement_key(
-    cache: BaseCache, layers: Sequence[str], precisions: Sequence[str], prune: Sequence[float], start: int, samples: int
+    cache: BaseCache,
+    layers: Sequence[str],
+    precisions: Sequence[str],
+    prune: Sequence[float],
+    settings: IRSSettings,
+    samples: int,
 ) -> dict:
-    """What a measurement depends on; a stored one is reused only when its key is equal."""
+    """What a measurement depends on (positions from :func:`guide_positions`); a stored one is reused only when its
+    key is equal."""
+    stream, start = guide_positions(settings, cache.meta.n, samples)
     return {
         "cache": json.loads(cache.meta.to_json()),
         "layers": list(layers),
         "choices": [[c.precision, c.prune] for c in single_choices(precisions, prune)],
-        "start": int(start),
+        "stream": stream.name.lower(),
+        "start": start,
         "samples": int(samples),
     }
 
@@ -240,18 +255,31 @@ def measure(
     device: torch.device | str = "cpu",
     progress: Callable[[int], None] | None = None,
 ) -> Sensitivity:
-    """Measure every single-layer choice of ``key`` (:func:`measurement_key`) on the cache's guide positions.
+    """Measure every single-layer choice of ``key`` (:func:`measurement_key`) at its guide positions.
 
     ``x`` holds the search inputs in cache order; ``progress`` is called with 1 after each choice.
     """
     started = time.perf_counter()
     n, start, m = cache.meta.n, key["start"], key["samples"]
-    if not 0 <= start < start + m <= n:
-        raise ValueError(f"guide positions [{start}, {start + m}) do not fit in the cache's n = {n} samples")
-    f_guide = np.asarray(cache.predictions[:, start:n]) == cache.c_hat[:, None]
-    q_all = f_guide.mean(axis=1) if n > start else np.zeros(len(cache))
-    rows = np.flatnonzero((cache.c_hat == cache.label) & (q_all > 0.5))
-    f_hit = f_guide[rows, :m]
+    stream = Stream[key["stream"].upper()]
+    kwargs = {"batch_size": batch_size, "block_size": cache.meta.block_size, "device": device}
+    labelled = np.flatnonzero(cache.c_hat == cache.label)
+    if stream is Stream.ESTIMATION:  # f's classes there are cached
+        if not 0 <= start < start + m <= n:
+            raise ValueError(f"guide positions [{start}, {start + m}) do not fit in the cache's n = {n} samples")
+        f_guide = np.asarray(cache.predictions[labelled, start:n]) == cache.c_hat[labelled, None]
+        paid = 0
+    else:
+        width = max(m, FRESH_F_SAMPLES)
+        x_labelled = x[torch.as_tensor(labelled, dtype=torch.long)]
+        preds = predict_under_noise(
+            model, x_labelled, cache.seed[labelled], stream, start, start + width, cache.meta.sigma, **kwargs
+        )
+        f_guide = preds == cache.c_hat[labelled, None]
+        paid = len(labelled) * width
+    q_all = f_guide.mean(axis=1)
+    keep = q_all > 0.5
+    rows, f_hit = labelled[keep], f_guide[keep, :m]
     c_hat = cache.c_hat[rows, None]
     x_rows = x[torch.as_tensor(rows, dtype=torch.long)]
     base_clean = _clean_classes(model, x, device)
@@ -261,16 +289,7 @@ def measure(
             choice = LayerChoice(precision, amount)
             approx = apply_approximation(model, ApproximationConfig({name: choice})).to(device)
             preds = predict_under_noise(
-                approx,
-                x_rows,
-                cache.seed[rows],
-                Stream.ESTIMATION,
-                start,
-                start + m,
-                cache.meta.sigma,
-                batch_size=batch_size,
-                block_size=cache.meta.block_size,
-                device=device,
+                approx, x_rows, cache.seed[rows], stream, start, start + m, cache.meta.sigma, **kwargs
             )
             lost[(name, choice)] = f_hit & (preds != c_hat)
             clean[(name, choice)] = _clean_classes(approx, x, device)
@@ -280,12 +299,12 @@ def measure(
     return Sensitivity(
         key=key,
         rows=rows,
-        q=q_all[rows],
+        q=q_all[keep],
         labels=np.asarray(cache.label, dtype=np.int64),
         base_clean=base_clean,
         lost=lost,
         clean=clean,
-        samples=variants * (len(rows) * m + len(x)),
+        samples=variants * (len(rows) * m + len(x)) + paid,
         seconds=time.perf_counter() - started,
     )
 

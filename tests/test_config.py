@@ -50,8 +50,8 @@ def test_cache_paths_differ_in_every_setting_the_cache_depends_on(tmp_path):
 
 
 def test_guided_sampler_and_its_samples(tmp_path):
-    study = load_study(write(tmp_path, "[search]\nsampler = 'guided'\nguide_samples = 5000"))
-    assert (study.search.sampler, study.search.guide_samples) == ("guided", 5000)  # the whole tail of n = 10000
+    study = load_study(write(tmp_path, "[search]\nsampler = 'guided'\nguide_samples = 64"))
+    assert (study.search.sampler, study.search.guide_samples) == ("guided", 64)
     assert load_study(write(tmp_path, "")).search.guide_samples == 8
 
 
@@ -112,8 +112,6 @@ def test_digits_variants_differ_only_in_sigma():
         ("[search]\nrace = [0.5, 0.25]", "search.race must list increasing fractions"),
         ("[search]\nrace = [1.0]", "search.race must list increasing fractions"),
         ("[search]\nguide_samples = 0", "search.guide_samples must be at least 1"),
-        ("[search]\nsampler = 'guided'\nguide_samples = 5001", "does not fit in the 5000 cached samples"),
-        ("[irs]\nmode = 'max'\n[search]\nsampler = 'guided'\nguide_samples = 9601", "in the 9600 cached samples"),
     ],
 )
 def test_bad_input(tmp_path, text, message):

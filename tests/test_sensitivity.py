@@ -12,7 +12,7 @@ from approxtune import search, sensitivity
 from approxtune.approximation import ApproximationConfig, LayerChoice, apply_approximation
 from approxtune.irs import IRSRun
 from approxtune.noise import Stream, sample_noise
-from approxtune.sensitivity import Sensitivity, ensure_sensitivity, guide_start, measure, measurement_key
+from approxtune.sensitivity import Sensitivity, ensure_sensitivity, guide_positions, measure, measurement_key
 
 LAYERS = ("conv1", "conv2", "fc1", "fc2")
 
@@ -27,9 +27,8 @@ def setup(tmp_path_factory):
 
 
 def _key(study, cache):
-    start = guide_start(study.irs_settings, cache.meta.n)
     s = study.search
-    return measurement_key(cache, LAYERS, s.precisions, s.prune, start, s.guide_samples)
+    return measurement_key(cache, LAYERS, s.precisions, s.prune, study.irs_settings, s.guide_samples)
 
 
 @pytest.mark.parametrize(
@@ -40,7 +39,8 @@ def test_guide_positions_lie_beyond_every_sample_irs_replays(setup, irs):
     other modes) and never one of them."""
     _, study, model, inputs, cache, _, _ = setup
     study = dataclasses.replace(study, irs=dataclasses.replace(study.irs, **irs))
-    start = guide_start(study.irs_settings, cache.meta.n)
+    stream, start = guide_positions(study.irs_settings, cache.meta.n, study.search.guide_samples)
+    assert stream is Stream.ESTIMATION
     worst = ApproximationConfig({name: LayerChoice("int4", 0.5) for name in LAYERS})
     run = IRSRun(apply_approximation(model, worst), inputs.x, cache, study.irs_settings)
     assert run.counts.max() <= start < cache.meta.n
@@ -195,3 +195,29 @@ def test_a_folder_it_cannot_write_keeps_the_measurement_in_memory(setup, monkeyp
     result, fresh = ensure_sensitivity(cache_path, key, lambda: measure(model, inputs.x, cache, key))
     assert fresh and list(cache_path.parent.iterdir()) == []
     assert all(np.array_equal(result.lost[k], measured.lost[k]) for k in measured.lost)
+
+
+def test_without_free_cached_samples_the_guide_draws_fresh_noise(setup, monkeypatch):
+    """Mode max with n_p = n leaves no cached sample unreplayed: stream FRESH, f paid, the cache's classes unread."""
+    _, study, model, inputs, cache, _, _ = setup
+    study = dataclasses.replace(study, irs=dataclasses.replace(study.irs, mode="max", n_p=cache.meta.n))
+    key = _key(study, cache)
+    assert (key["stream"], key["start"]) == ("fresh", 0)
+    ranges = []
+    original = sensitivity.predict_under_noise
+
+    def recording(model, x, seeds, stream, start, stop, sigma, **kwargs):
+        ranges.append((stream, start, stop))
+        return original(model, x, seeds, stream, start, stop, sigma, **kwargs)
+
+    monkeypatch.setattr(sensitivity, "predict_under_noise", recording)
+    measured = measure(model, inputs.x, cache, key)
+    scrambled = (np.array(cache.predictions) + 1) % 10
+    again = measure(model, inputs.x, dataclasses.replace(cache, predictions=scrambled), key)
+    width = sensitivity.FRESH_F_SAMPLES
+    assert set(ranges) == {(Stream.FRESH, 0, width), (Stream.FRESH, 0, key["samples"])}
+    assert all(np.array_equal(again.lost[k], measured.lost[k]) for k in measured.lost)
+    labelled = int(np.sum(cache.c_hat == cache.label))
+    variants = len(measured.lost)
+    assert measured.samples == variants * (len(measured.rows) * key["samples"] + len(inputs)) + labelled * width
+    assert 0 < len(measured.rows) <= labelled
