@@ -163,10 +163,11 @@ class Guide:
                     out.append((*key[:i], j, *key[i + 1 :]))
         return out
 
-    def propose(self, observed: list[tuple[Key, tuple[float, float, int]]], taken: set[Key], rng) -> Key:
+    def propose(self, observed: list[tuple[Key, tuple[float, float, int]]], taken: set[Key], rng, skip: int = 0) -> Key:
         """The untried configuration predicted to add the most hypervolume to the front of ``observed``.
 
-        ``observed``: complete feasible trials (key, values); ``taken``: every configuration tried or running.
+        ``observed``: complete feasible trials (key, values); ``taken``: every configuration tried or running;
+        ``skip``: how many of the best proposals to leave to other workers' trials that are choosing at this moment.
         """
         front = _front(observed)
         candidates = [k for k in dict.fromkeys([*self.predicted_front(), *_around(self, front)]) if k not in taken]
@@ -174,15 +175,16 @@ class Guide:
             values = self._corrected(candidates, observed)
             points = to_loss(values, self.base_acr, self.fp32_size)
             base = to_loss([v for _, v in front], self.base_acr, self.fp32_size)
-            alive = np.array([not np.any(np.all(base <= p, axis=1)) for p in points], dtype=bool)
-            if alive.any():
-                before = hypervolume(base, STUDY_REFERENCE)
-                gains = np.full(len(points), -np.inf)
-                for i in np.flatnonzero(alive):
-                    gains[i] = hypervolume(np.vstack([base, points[i : i + 1]]), STUDY_REFERENCE) - before
-                best = np.flatnonzero(gains == gains.max())
-                if gains.max() > MIN_GAIN * before:
-                    return candidates[int(rng.choice(best))]
+            before = hypervolume(base, STUDY_REFERENCE)
+            gains = np.full(len(points), -np.inf)
+            for i, point in enumerate(points):
+                if not np.any(np.all(base <= point, axis=1)):  # not dominated by (or equal to) a front member
+                    gains[i] = hypervolume(np.vstack([base, point[None, :]]), STUDY_REFERENCE) - before
+            promising = np.flatnonzero(gains > MIN_GAIN * before)
+            if len(promising) > skip and skip == 0:  # the best, ties broken at random
+                return candidates[int(rng.choice(np.flatnonzero(gains == gains.max())))]
+            if len(promising) > skip:
+                return candidates[int(promising[np.argsort(-gains[promising], kind="stable")][skip])]
         untried = [k for k in _around(self, front) if k not in taken]
         if untried:
             return untried[int(rng.integers(len(untried)))]
@@ -235,17 +237,18 @@ class GuidedSampler(optuna.samplers.BaseSampler):
     ) -> dict:
         if not search_space:
             return {}
-        observed, taken = [], set()
+        observed, taken, choosing = [], set(), 0
         for t in study.get_trials(deepcopy=False):
             if t.number == trial.number or t.state == TrialState.FAIL:
                 continue
             key = self.guide.key({**t.params, **t.system_attrs.get("fixed_params", {})})
-            if key is None:
+            if key is None:  # an earlier trial of another worker that has not chosen yet: it takes a better proposal
+                choosing += t.state == TrialState.RUNNING and t.number < trial.number
                 continue
             taken.add(key)
             if t.state == TrialState.COMPLETE and all(v <= 0 for v in t.constraints.values()):
                 observed.append((key, tuple(t.values)))
-        return self.guide.params(self.guide.propose(observed, taken, self._rng))
+        return self.guide.params(self.guide.propose(observed, taken, self._rng, skip=choosing))
 
     def sample_independent(
         self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution

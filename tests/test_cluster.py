@@ -287,8 +287,8 @@ def test_three_workers_one_killed_mid_trial(tmp_path, postgres_url, capsys):
     ]
     assert sorted(originals) == sorted(BASELINES)
 
-    # Workers sample with seeds of their own: with one seed, each worker's first random candidate would be the same.
-    # (Later NSGA-II children may legitimately repeat a candidate, so only the first is compared.)
+    # Workers do not propose the same candidate at once: the guided sampler leaves the best proposal to the earlier of
+    # two trials choosing together (and NSGA-II samples with seeds of its own). Only the first is compared.
     first_sampled = {}
     for t in sorted(complete, key=lambda t: t.number):
         if "baseline" not in t.user_attrs and "failed_trial" not in t.system_attrs:
@@ -338,7 +338,7 @@ def test_storage_errors_are_one_line_messages(tmp_path):
 def test_a_joining_worker_waits_for_the_creator_then_gives_up_with_a_message(tmp_path, monkeypatch):
     """A study that exists without approxtune's settings (its creator died right after creating it)."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "s.toml").write_text('[study]\nname = "half"\n')
+    (tmp_path / "s.toml").write_text('[study]\nname = "half"\n[search]\nsampler = "nsga2"\n')  # no guide needed
     study = load_study(tmp_path / "s.toml")
     Path(study.output_dir).mkdir(parents=True)
     optuna.create_study(study_name="half", storage=study.storage, directions=list(search.DIRECTIONS))
@@ -351,7 +351,7 @@ def test_a_joining_worker_waits_for_the_creator_then_gives_up_with_a_message(tmp
 
 def test_creator_enqueues_baselines_joiners_do_not(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "s.toml").write_text('[study]\nname = "once"\n')
+    (tmp_path / "s.toml").write_text('[study]\nname = "once"\n[search]\nsampler = "nsga2"\n')  # no guide needed
     study = load_study(tmp_path / "s.toml")
     Path(study.output_dir).mkdir(parents=True)
     attrs = {**dict.fromkeys(search.CHECKED_ATTRS, 1), "base_acr": 0.5}

@@ -69,6 +69,12 @@ def test_a_running_trial_counts_as_taken(setup):
     optuna_study = optuna.create_study(directions=list(search.DIRECTIONS), sampler=guided.GuidedSampler(guide, seed=1))
     first, second = optuna_study.ask(), optuna_study.ask()
     assert search.suggest_config(first, layers, study) != search.suggest_config(second, layers, study)
+    # Two trials choosing at the same moment: the later one leaves the best proposal to the earlier one.
+    alone = guide.config(guide.propose([], set(), np.random.default_rng(0)))
+    optuna_study = optuna.create_study(directions=list(search.DIRECTIONS), sampler=guided.GuidedSampler(guide, seed=1))
+    first, second = optuna_study.ask(), optuna_study.ask()
+    later = search.suggest_config(second, layers, study)
+    assert search.suggest_config(first, layers, study) == alone != later
 
 
 def _front_after(guide, sampler, trials):
