@@ -16,7 +16,9 @@ Each prediction is first corrected by the error it made on the nearest complete 
 differently): ACR by their ratio, accuracy by their difference.  When no candidate is predicted to add more than
 :data:`MIN_GAIN` of the front's hypervolume (gains that small are within the prediction's error, and certifying
 near-twins of front members is what wastes trials once the front is found), a random untried neighbour of the
-observed front is proposed instead (exploration), and a random configuration when there is none.
+observed front is proposed instead (exploration), and a random configuration when there is none.  With several
+workers, a configuration another worker is running counts as tried, and of two trials choosing at the same moment the
+later one takes the next-best proposal.
 
 The prediction only chooses which configuration to certify next: every trial is certified by IRS in full, or stopped
 by racing's sound bound, exactly as with the other samplers, and the sensitivities read no sample that a certificate
