@@ -106,7 +106,7 @@ class SearchSection:
     trials: int = 40
     timeout: float = 0.0
     """Seconds; 0 means no time budget."""
-    sampler: str = "nsga2"
+    sampler: str = "guided"
     population: int = 10
     """NSGA-II population size (generation size)."""
     precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "bf16", "int8", "int4"])

@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 import optuna
 import torch
@@ -376,6 +377,7 @@ def plot(entry: dict, lines: dict[str, list[dict]], path: Path) -> None:
         for level in LEVELS:
             ax.axhline(level, color="grey", linestyle="--", linewidth=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labelled decades only
         ax.set_xlabel("certification samples (forward passes)" if axis == "samples" else "wall time, seconds")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("hypervolume / reference hypervolume")
