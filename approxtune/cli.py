@@ -275,14 +275,22 @@ def _guide(
     study: Study, model: torch.nn.Module, inputs: Inputs, cache: BaseCache, layers: list[str], device: torch.device
 ) -> guided.Guide:
     """The guided sampler's guide: layer sensitivities reused from beside the cache, or measured now (with a bar)."""
-    with progress_bar("layer sensitivities", guided.guide_variants(study, layers)) as advance:
-        guide, measured = guided.build_guide(study, model, inputs.x, cache, layers, device=device, progress=advance)
+    guide, measured = guided.build_guide(
+        study,
+        model,
+        inputs.x,
+        cache,
+        layers,
+        device=device,
+        progress=lambda total: progress_bar("layer sensitivities", total),
+    )
     s = guide.sensitivity
     trial = study.irs.n_p * max(len(s.rows), 1)
     verb = "Measured" if measured else "Reusing"
     console.print(
         f"{verb} the layer sensitivities ({len(s.lost)} single-layer choices, {s.samples:,} forward passes = "
-        f"{s.samples / trial:.2f} x n_p x inputs, {s.seconds:.1f} s to measure; noise samples IRS never replays)",
+        f"{s.samples / trial:.2f} of a trial's n_p x inputs, {s.seconds:.1f} s to measure, on noise samples no "
+        "certificate replays)",
         highlight=False,
     )
     return guide

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import optuna
@@ -259,7 +260,7 @@ class GuidedSampler(optuna.samplers.BaseSampler):
 
 
 def guide_variants(study: Study, layers: Sequence[str]) -> int:
-    """How many single-layer choices :func:`build_guide` measures (its progress total)."""
+    """How many single-layer choices :func:`build_guide` measures."""
     return len(layers) * len(single_choices(study.search.precisions, study.search.prune))
 
 
@@ -271,18 +272,20 @@ def build_guide(
     layers: Sequence[str],
     *,
     device: torch.device | str = "cpu",
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], AbstractContextManager[Callable[[int], None]]] | None = None,
 ) -> tuple[Guide, bool]:
     """The study's guide: its sensitivities stored beside the search cache, or measured now; and whether they were.
 
-    ``x``: the search inputs in cache order; ``layers``: the searched layers.
+    ``x``: the search inputs in cache order; ``layers``: the searched layers.  ``progress(total)``, only when the
+    sensitivities are measured, opens a progress display and gives ``advance(count)``.
     """
     settings, space = study.irs_settings, study.search
     key = measurement_key(cache, layers, space.precisions, space.prune, settings, space.guide_samples)
-    sensitivity, measured = ensure_sensitivity(
-        study.cache_path("search"),
-        key,
-        lambda: measure(model, x, cache, key, batch_size=study.certify.batch_size, device=device, progress=progress),
-    )
+
+    def measure_now() -> Sensitivity:
+        with progress(guide_variants(study, layers)) if progress is not None else nullcontext() as advance:
+            return measure(model, x, cache, key, batch_size=study.certify.batch_size, device=device, progress=advance)
+
+    sensitivity, measured = ensure_sensitivity(study.cache_path("search"), key, measure_now)
     guide = Guide(sensitivity, model, settings, space.precisions, space.prune, float(cache.summary()["acr"]))
     return guide, measured
