@@ -66,6 +66,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from approxtune.errors import ApproxtuneError
+
 __all__ = [
     "COMPRESSIBLE_TYPES",
     "PRECISIONS",
@@ -104,7 +106,7 @@ _PACKED_KEYS = ("values", "scale", "mask")
 Packed = dict[str, np.ndarray]
 
 
-class ApproximationError(ValueError):
+class ApproximationError(ApproxtuneError):
     """An approximation config, layer selection or packed layer that does not fit (with the valid choices)."""
 
 

@@ -46,6 +46,7 @@ from torch import nn
 
 from approxtune.certification import DEFAULT_BATCH_SIZE, certify
 from approxtune.data import Inputs
+from approxtune.errors import ApproxtuneError
 from approxtune.noise import DEFAULT_BLOCK_SIZE, input_seeds
 from approxtune.statistics import acr, certified_accuracy
 
@@ -72,7 +73,7 @@ CHUNK_SAMPLES = 1 << 18
 """A base certification is checkpointed after every chunk of about this many noise samples."""
 
 
-class CacheError(ValueError):
+class CacheError(ApproxtuneError):
     """A cache that is missing, malformed or belongs to another model, sigma or input set."""
 
 

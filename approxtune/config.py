@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from approxtune.approximation import PRECISIONS
+from approxtune.errors import ApproxtuneError
 from approxtune.irs import IRSSettings, Mode, Zeta
 from approxtune.models import ARCHITECTURES
 
 __all__ = ["ConfigError", "Study", "load_study"]
 
 
-class ConfigError(ValueError):
+class ConfigError(ApproxtuneError):
     """A study file that cannot be used as it is."""
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from approxtune.errors import ApproxtuneError
+
 __all__ = [
     "CIFAR10_DIR",
     "DIGITS_SPLIT",
@@ -44,7 +46,7 @@ _IMAGENET_CLASSES = 1000
 _WNID = re.compile(r"n\d{8}")
 
 
-class DataError(ValueError):
+class DataError(ApproxtuneError):
     """Input data that is missing, malformed or unsafe to read; the message names the problem and the fix."""
 
 

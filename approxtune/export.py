@@ -63,6 +63,7 @@ from approxtune.approximation import (
     model_size_bytes,
 )
 from approxtune.cache import model_fingerprint
+from approxtune.errors import ApproxtuneError
 from approxtune.models import ARCHITECTURES, build_model
 
 __all__ = [
@@ -106,7 +107,7 @@ Progress = Callable[[str, int], AbstractContextManager[Callable[[int], None]]]
 """``progress(description, total)``: a context manager yielding ``advance(count)`` (like ``cli.progress_bar``)."""
 
 
-class ExportError(ValueError):
+class ExportError(ApproxtuneError):
     """An export that cannot be made as asked, or an export directory that cannot be loaded; says how to fix it."""
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from approxtune.errors import ApproxtuneError
+
 __all__ = [
     "ARCHITECTURES",
     "CIFAR10_MEAN",
@@ -189,7 +191,7 @@ def build_model(arch: str) -> nn.Module:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}") from None
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ApproxtuneError):
     """A checkpoint that cannot be loaded safely or does not fit its architecture."""
 
 

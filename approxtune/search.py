@@ -67,6 +67,7 @@ from approxtune.approximation import (
 from approxtune.cache import BaseCache
 from approxtune.config import Study
 from approxtune.data import Inputs
+from approxtune.errors import ApproxtuneError
 from approxtune.irs import IRSRun
 
 __all__ = [
@@ -96,7 +97,7 @@ DIRECTIONS = ("maximize", "maximize", "minimize")
 REPORT_RADII = (0.25, 0.5, 0.75, 1.0)
 
 
-class StudyMismatchError(ValueError):
+class StudyMismatchError(ApproxtuneError):
     """An existing Optuna study that was run against another cache or other IRS settings."""
 
 
