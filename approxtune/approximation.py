@@ -90,7 +90,7 @@ __all__ = [
 ]
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
-COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 _QMAX = {"int8": 127, "int4": 7}
 _VALUE_DTYPES = {

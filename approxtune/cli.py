@@ -13,110 +13,62 @@ import json
 import os
 import signal
 import sys
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
 import optuna
-import torch
-from optuna.study import MaxTrialsCallback
-from optuna.trial import TrialState
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from approxtune import api, pipeline, report, search
 from approxtune import cache as cache_mod
-from approxtune import pipeline, report, search
 from approxtune.cache import BaseCache, CacheError, CacheMeta, load_cache
 from approxtune.config import Study, load_study
-from approxtune.data import Inputs
+from approxtune.job import prepare
+from approxtune.progress import Reporter
 from approxtune.search import clean_accuracy
 
 console = Console(stderr=True)
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-"""Trials that count towards search.trials: a trial stopped by racing was a candidate evaluated."""
+reporter = Reporter(console)
 out = Console()
 
 CERT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
 
 
-@contextmanager
-def progress_bar(description: str, total: int) -> Iterator[callable]:
-    """A rich progress bar; yields ``advance(count)``."""
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda count: bar.advance(task, count)
-
-
-def _model(study: Study, device: torch.device) -> torch.nn.Module:
-    if not study.checkpoint.exists() and study.model.arch in pipeline.TRAINABLE:
-        console.print(f"No checkpoint at {study.checkpoint}: training the {study.model.arch} base model first.")
-        return _train(study).to(device)
-    return pipeline.ensure_model(study).to(device)
-
-
-def _train(study: Study) -> torch.nn.Module:
-    with progress_bar(f"train {study.model.arch} (sigma={study.certify.sigma:g})", study.train.epochs) as advance:
-        model = pipeline.train_study_model(study, progress=lambda epoch, loss: advance(1))
-    console.print(f"Saved the base model to {study.checkpoint}")
-    return model
-
-
-def _cache(study: Study, model: torch.nn.Module, split: str, device: torch.device) -> tuple[BaseCache, float]:
-    inputs = pipeline.load_inputs(study, split)
-    c = study.certify
-    with progress_bar(f"certify g on {len(inputs)} {split} inputs", len(inputs) * (c.n0 + c.n)) as advance:
-        cache, built = pipeline.ensure_cache(
-            study,
-            model,
-            inputs,
-            split,
-            device=device,
-            progress=advance,
-            on_rebuild=lambda why: console.print(f"[yellow]Rebuilding {study.cache_path(split)}[/]: {why}"),
-            on_adopt=console.print,
-        )
-    verb = "Wrote" if built else "Reusing"
-    console.print(f"{verb} the base cache {study.cache_path(split)}")
-    return cache, clean_accuracy(model, inputs, device)
+def progress_bar(description: str, total: int) -> AbstractContextManager[Callable[[int], None]]:
+    """A rich progress bar on stderr; yields ``advance(count)``."""
+    return reporter.progress(description, total)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     study = load_study(args.study)
-    _train(study)
+    with progress_bar(f"train {study.model.builtin_arch} (sigma={study.certify.sigma:g})", study.train.epochs) as bar:
+        pipeline.train_study_model(study, progress=lambda epoch, loss: bar(1))
+    console.print(f"Saved the base model to {study.checkpoint}")
 
 
 def cmd_certify(args: argparse.Namespace) -> None:
     study = load_study(args.study)
-    device = pipeline.resolve_device(study, args.device)
     if args.shard is not None or args.merge:
-        _certify_split(study, args, device)
+        _certify_split(study, args)
         return
-    model = _model(study, device)
-    cache, accuracy = _cache(study, model, args.split, device)
-    _print_certification(cache, accuracy, args.split)
+    result = api.certify(study=study, split=args.split, device=args.device, reporter=reporter)
+    _print_certification(result.cache, result.accuracy, args.split)
 
 
-def _certify_split(study: Study, args: argparse.Namespace, device: torch.device) -> None:
+def _certify_split(study: Study, args: argparse.Namespace) -> None:
     """``certify --shard I/K`` (one part of the inputs, into ``<cache>.partial/``) or ``certify --merge``."""
     shard = cache_mod.parse_shard(args.shard) if args.shard is not None else None
-    if not study.checkpoint.exists():
+    if pipeline.needs_training(study):
         raise ValueError(
             f"no checkpoint at {study.checkpoint}: shards and merges use the model every shard shares; train it once "
             f"first (approxtune train {args.study}, or put the checkpoint there / set model.checkpoint)"
         )
-    model = pipeline.ensure_model(study).to(device)
-    inputs = pipeline.load_inputs(study, args.split)
+    job = prepare(study, device=args.device, allow_training=False)
+    model, device, inputs = job.model, job.device, job.inputs(args.split)
     path = study.cache_path(args.split)
     expected = pipeline.expected_meta(study, model, inputs, args.split)
     pipeline.adopt_legacy_cache(study, args.split, expected, console.print)
@@ -208,100 +160,9 @@ class StopAfterTrial:
 
 def cmd_tune(args: argparse.Namespace) -> None:
     study = load_study(args.study)
-    device = pipeline.resolve_device(study, args.device)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    shared = search.is_shared_storage(study.storage)
-    if shared:
-        # One of several workers: it must not train a model or certify g on its own, racing the others.
-        model, inputs, cache, base_accuracy = _worker_artifacts(study, args, device)
-    else:
-        model = _model(study, device)
-        cache, base_accuracy = _cache(study, model, "search", device)
-        inputs = pipeline.load_inputs(study, "search")
-    attrs = search.study_attrs(study, cache, base_accuracy, model)
-    layers = search.searched_layers(study, model)
-    opened = search.create_study(study, attrs, layers)
-    optuna_study = opened.study
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        # Optuna checks for stale trials only when a trial starts; a study that needs no more trials would otherwise
-        # keep the trial of a worker that died near its end RUNNING for ever.
-        optuna.storages.fail_stale_trials(optuna_study)
-    done = len(optuna_study.get_trials(deepcopy=False, states=FINISHED))
-    remaining = max(0, study.search.trials - done)
-    how = f"created it; baselines: {', '.join(opened.enqueued) or 'none'}" if opened.created else "joined it"
-    console.print(
-        f"Study {study.name!r} ({search.masked_url(study.storage)}): worker {search.worker_id()} {how}; "
-        f"{done} trials done, running up to {remaining}; {len(layers)} layers searched; "
-        f"certificates hold with probability >= {attrs['confidence']:.4g}.",
-        highlight=False,
-    )
-    if remaining:
-        fp32_size = attrs["fp32_size_bytes"]
-        with progress_bar("trials", remaining) as advance, StopAfterTrial() as stopper:
-
-            def on_result(trial: optuna.Trial, result: search.TrialResult | search.Stopped) -> None:
-                if isinstance(result, search.Stopped):
-                    acr, accuracy, size = result.upper
-                    line = f"ACR ≤{acr:.4f} acc {accuracy:.3f}  size {size / fp32_size:6.1%}  {result.seconds:5.1f}s"
-                    line += f"  stopped at {result.stage:.1%} of its samples: {result.reason}"
-                else:
-                    line = f"ACR {result.acr:.4f}  acc {result.accuracy:.3f}  size {result.size_ratio:6.1%}"
-                    line += f"  {result.seconds:5.1f}s  {result.config.summary()}"
-                    if result.same_as is not None:
-                        line += f"  (same configuration as trial {result.same_as}: its certificate, no samples)"
-                console.print(f"trial {trial.number:3d}  {line}", highlight=False)
-                advance(1)
-
-            objective = search.make_objective(study, model, inputs, cache, base_accuracy, device, on_result)
-            optuna_study.optimize(
-                objective,
-                n_trials=remaining,
-                timeout=study.search.timeout or None,
-                callbacks=[stopper, MaxTrialsCallback(study.search.trials, states=FINISHED)],
-            )
-    finished = optuna_study.get_trials(deepcopy=False, states=FINISHED)
-    stopped = sum(t.state == TrialState.PRUNED for t in finished)
-    if stopped:
-        console.print(f"Racing stopped {stopped} trial(s) early: they could not reach the front (search.race).")
-    repeats = sum(t.user_attrs.get("same_as") is not None for t in finished)
-    if repeats:
-        console.print(f"{repeats} trial(s) repeated an earlier configuration and took its result without sampling.")
-    _show_front(study, optuna_study, as_json=False)
-
-
-def _worker_artifacts(
-    study: Study, args: argparse.Namespace, device: torch.device
-) -> tuple[torch.nn.Module, Inputs, BaseCache, float]:
-    """The model and the base cache of a worker on a shared study storage: both must exist and match the study."""
-    first = (
-        f"run `approxtune certify {args.study}` once first (or `--shard I/K` on several machines, then `--merge`), "
-        "with the study's output_dir on storage every worker sees"
-    )
-    if not study.checkpoint.exists():
-        raise ValueError(
-            f"no checkpoint at {study.checkpoint}; with a shared study storage ({search.masked_url(study.storage)}) "
-            f"workers neither train nor certify: {first}"
-        )
-    model = pipeline.ensure_model(study).to(device)
-    inputs = pipeline.load_inputs(study, "search")
-    path = study.cache_path("search")
-    try:
-        cache = load_cache(path)
-    except CacheError as exc:
-        raise CacheError(
-            f"{str(exc).split(';')[0]}; with a shared study storage ({search.masked_url(study.storage)}) workers do "
-            f"not certify g themselves, which would race the other workers: {first}"
-        ) from None
-    try:
-        cache.check(pipeline.expected_meta(study, model, inputs, "search"))
-    except CacheError as exc:
-        raise CacheError(
-            f"{exc}\nWorkers on a shared study storage never rebuild the cache the others read: fix the study file or "
-            f"the model checkpoint, or {first}"
-        ) from None
-    console.print(f"Reusing the base cache {path} (read-only)")
-    return model, inputs, cache, clean_accuracy(model, inputs, device)
+    with StopAfterTrial() as stopper:
+        result = api.tune(study=study, device=args.device, reporter=reporter, callbacks=[stopper])
+    _show_front(study, result.study, as_json=False)
 
 
 def _show_front(study: Study, optuna_study: optuna.Study, as_json: bool) -> None:

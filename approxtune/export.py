@@ -756,7 +756,7 @@ def export_trial(
     if on_chosen is not None:
         on_chosen(chosen, reason)
 
-    base = load_checkpoint(study.checkpoint, study.model.arch)
+    base = load_checkpoint(study.checkpoint, study.model.builtin_arch)
     search_inputs = pipeline.load_inputs(study, "search")
     expected = pipeline.expected_meta(study, base, search_inputs, "search")
     pipeline.adopt_legacy_cache(study, "search", expected, say)
@@ -845,7 +845,7 @@ def export_trial(
         base,
         config,
         out_dir,
-        arch=study.model.arch,
+        arch=study.model.builtin_arch,
         force=force,
         example_input=report_inputs.x[:2],
         meta={"study": study.name, "trial": chosen.number, "sigma": c.sigma},

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,9 +25,10 @@ from approxtune.cache import (
     load_cache,
 )
 from approxtune.config import Study
-from approxtune.data import DataError, Inputs, dataset_size, digits_splits, read_inputs
-from approxtune.models import CheckpointError, load_checkpoint, save_checkpoint
+from approxtune.data import DataError, Inputs, UserData, dataset_size, digits_splits, read_inputs
+from approxtune.models import CheckpointError, build_architecture, load_checkpoint, load_weights, save_checkpoint
 from approxtune.training import train_model
+from approxtune.usercode import import_callable
 
 __all__ = [
     "TRAINABLE",
@@ -58,46 +60,78 @@ REAL_SPLITS = ("search", "report")
 _ROOT_HINTS = {
     "cifar10": "the folder that holds cifar-10-batches-py/, extracted from cifar-10-python.tar.gz",
     "imagefolder": "a folder with one sub-folder of images per class, e.g. the sorted ImageNet validation set",
-    "tensors": "a .npz or .pt file holding images x and labels y",
+    "tensors": "a .npz or .pt file holding inputs x and labels y",
 }
 
 
-def load_inputs(study: Study, split: str) -> Inputs:
+def study_folders(study: Study) -> list[Path]:
+    """Where a study's own code (model factory, data loader) is imported from first: the study file's folder."""
+    return [study.path.resolve().parent] if study.path is not None else []
+
+
+def user_data(study: Study, data: object | None = None) -> UserData | None:
+    """The study's data when the user brings it: ``data`` as given to the API, or ``data.loader``'s result."""
+    if data is not None:
+        return UserData(data, "the data")
+    d = study.data
+    if d.dataset != "python":
+        return None
+    if not d.loader:
+        raise DataError(f'data.dataset = "python" needs data.loader = "package.module:callable" ({study.origin})')
+    loader = import_callable(d.loader, "data.loader", study_folders(study))
+    try:
+        loaded = loader(**d.kwargs)
+    except Exception as exc:  # the user's loader raised
+        raise DataError(f"data.loader = {d.loader!r} raised {type(exc).__name__}: {exc}") from None
+    return UserData(loaded, f"the data of data.loader = {d.loader!r}")
+
+
+def load_inputs(study: Study, split: str, data: UserData | None = None) -> Inputs:
     """The study's ``train``, ``search`` or ``report`` inputs (search and report are disjoint and held out).
 
-    ``digits`` is split as :func:`~approxtune.data.digits_splits` does.  A real dataset (``cifar10``: the test batch,
-    ``imagefolder``, ``tensors``) gives only its test/validation images to approxtune: a seeded permutation
-    (``data.split_seed``) of all their indices is cut into the first ``data.report_inputs`` (report) and the next
-    ``data.search_inputs`` (search), each sorted into dataset order, and only the selected images are decoded.
-    There is no ``train`` split for real datasets: their models come with a checkpoint.  Raises
-    :class:`~approxtune.data.DataError` naming the files or study keys to fix.
+    ``digits`` is split as :func:`~approxtune.data.digits_splits` does.  Every other dataset — a real dataset
+    (``cifar10``: the test batch, ``imagefolder``, ``tensors``) or the user's own data (``data``, e.g. from
+    :func:`user_data`) — gives approxtune only inputs to certify: a seeded permutation (``data.split_seed``) of all
+    its indices is cut into the first ``data.report_inputs`` (report) and the next ``data.search_inputs`` (search),
+    each sorted into dataset order, and only the selected inputs are read.  There is no ``train`` split for them:
+    their models come trained.  Raises :class:`~approxtune.data.DataError` naming the files or study keys to fix.
     """
     d = study.data
-    if d.dataset == "digits":
+    if data is None and d.dataset == "digits":
         inputs = digits_splits(d.split_seed)[split]
         count = {"search": d.search_inputs, "report": d.report_inputs}.get(split)
+        if count is not None and count > len(inputs):
+            raise DataError(
+                f"data.{split}_inputs = {count}, but the digits split holds {len(inputs)} {split} inputs; "
+                f"lower data.{split}_inputs ({study.origin})"
+            )
         return inputs if count is None else inputs.head(count)
     if split == "train":
         raise DataError(
             f"approxtune trains only the embedded digits model; a {d.dataset} study needs a trained model: put its "
-            f"checkpoint at {study.checkpoint} or set model.checkpoint in {study.path} (Cohen et al.'s "
-            f"checkpoint.pth.tar files load as they are)"
+            f"checkpoint at {study.checkpoint} or set model.checkpoint in {study.origin} (Cohen et al.'s "
+            f"checkpoint.pth.tar files load as they are), or pass the trained model to approxtune.tune"
         )
     if split not in REAL_SPLITS:
         raise ValueError(f"split must be one of {', '.join(REAL_SPLITS)} for a {d.dataset} study, not {split!r}")
-    root = Path(d.root)
-    try:
-        total, source = dataset_size(d.dataset, root)
-    except DataError as exc:
-        raise DataError(f"{exc} (data.root in {study.path} must name {_ROOT_HINTS[d.dataset]})") from None
+    if data is not None:
+        total, source = len(data), data.what
+    else:
+        root = Path(d.root)
+        try:
+            total, source = dataset_size(d.dataset, root)
+        except DataError as exc:
+            raise DataError(f"{exc} (data.root in {study.origin} must name {_ROOT_HINTS[d.dataset]})") from None
     try:
         indices = split_indices(total, d.split_seed, d.report_inputs, d.search_inputs, source)[split]
     except DataError as exc:
-        raise DataError(f"{exc} in {study.path}") from None
+        raise DataError(f"{exc} in {study.origin}") from None
+    if data is not None:
+        return data.read(indices)
     try:
         return read_inputs(d.dataset, root, indices)
     except DataError as exc:
-        raise DataError(f"{exc} ({study.path}: data.root = {d.root!r})") from None
+        raise DataError(f"{exc} ({study.origin}: data.root = {d.root!r})") from None
 
 
 def split_indices(
@@ -110,7 +144,7 @@ def split_indices(
     """
     if report + search > total:
         raise DataError(
-            f"{source} has {total} images, but data.report_inputs = {report} and data.search_inputs = {search} need "
+            f"{source} has {total} inputs, but data.report_inputs = {report} and data.search_inputs = {search} need "
             f"{report + search} distinct ones; lower data.report_inputs or data.search_inputs"
         )
     order = np.random.default_rng(split_seed).permutation(total)
@@ -119,9 +153,11 @@ def split_indices(
 
 def train_study_model(study: Study, progress: Callable[[int, float], None] | None = None) -> nn.Module:
     """Train the study's base model with noise augmentation at its sigma and save it to its checkpoint path."""
-    arch = study.model.arch
-    if arch not in TRAINABLE:
-        raise ValueError(f"approxtune trains only {', '.join(TRAINABLE)}; give a checkpoint for {arch!r} instead")
+    arch = study.model.builtin_arch
+    if study.model.kind != "builtin" or arch not in TRAINABLE:
+        raise ValueError(
+            f"approxtune trains only {', '.join(TRAINABLE)}; give a trained model (model.checkpoint) instead"
+        )
     t = study.train
     model = train_model(
         arch,
@@ -137,17 +173,61 @@ def train_study_model(study: Study, progress: Callable[[int, float], None] | Non
     return model
 
 
+def architecture(study: Study) -> dict[str, Any]:
+    """The architecture spec (:mod:`approxtune.models`) of the model the study's [model] section names."""
+    m = study.model
+    if m.kind == "factory":
+        folders = study_folders(study)
+        return {
+            "kind": "factory",
+            "factory": m.factory,
+            "kwargs": m.kwargs,
+            "folder": str(folders[0]) if folders else None,
+        }
+    if m.kind == "torchvision":
+        return {
+            "kind": "torchvision",
+            "name": m.torchvision,
+            "num_classes": m.num_classes,
+            "mean": m.mean,
+            "std": m.std,
+        }
+    return {"kind": "builtin", "arch": m.builtin_arch}
+
+
+def needs_training(study: Study) -> bool:
+    """Whether the study's model is the trainable built-in one and its checkpoint does not exist yet."""
+    return study.model.kind == "builtin" and study.model.builtin_arch in TRAINABLE and not study.checkpoint.exists()
+
+
 def ensure_model(study: Study, progress: Callable[[int, float], None] | None = None) -> nn.Module:
-    """The study's base model f: loaded from its checkpoint, or trained first when that is missing and trainable."""
-    arch = study.model.arch
+    """The study's base model f on the CPU in eval mode, as its [model] section says.
+
+    A built-in architecture loads its checkpoint (trained first when missing and trainable); a factory's model or a
+    torchvision architecture is built (:func:`~approxtune.models.build_architecture`) and, when ``model.checkpoint``
+    is set, the checkpoint is loaded into it (a torchvision model needs one: its weights are never downloaded).
+    """
+    m = study.model
+    if m.kind != "builtin":
+        model = build_architecture(architecture(study), study_folders(study))
+        name = m.factory or m.torchvision
+        if m.checkpoint:
+            return load_weights(model, m.checkpoint, name)
+        if m.kind == "torchvision":
+            raise CheckpointError(
+                f"model.torchvision = {name!r} needs model.checkpoint: approxtune never downloads weights, and a "
+                f"randomly initialised network certifies nothing ({study.origin})"
+            )
+        return model.eval()
+    arch = m.builtin_arch
+    if needs_training(study):
+        return train_study_model(study, progress)
     if not study.checkpoint.exists():
-        if arch in TRAINABLE:
-            return train_study_model(study, progress)
         raise CheckpointError(
             f"checkpoint {study.checkpoint} does not exist; approxtune trains only {', '.join(TRAINABLE)}, so a "
-            f"{arch} study needs the trained model's checkpoint: put it there or set model.checkpoint in {study.path} "
-            f"(Cohen et al.'s checkpoint.pth.tar files, e.g. models/cifar10/resnet110/noise_0.50/checkpoint.pth.tar "
-            f"from their release, load as they are)"
+            f"{arch} study needs the trained model's checkpoint: put it there or set model.checkpoint in "
+            f"{study.origin} (Cohen et al.'s checkpoint.pth.tar files, e.g. "
+            "models/cifar10/resnet110/noise_0.50/checkpoint.pth.tar from their release, load as they are)"
         )
     return load_checkpoint(study.checkpoint, arch)
 

@@ -64,7 +64,7 @@ from approxtune.approximation import (
     fp32_size_bytes,
     model_size_bytes,
 )
-from approxtune.cache import BaseCache
+from approxtune.cache import BaseCache, CacheMeta
 from approxtune.config import Study
 from approxtune.data import Inputs
 from approxtune.errors import ApproxtuneError
@@ -311,19 +311,20 @@ def suggest_config(trial: optuna.Trial, layers: Sequence[str], study: Study) -> 
     )
 
 
-def cache_fingerprint(cache: BaseCache) -> str:
+def cache_fingerprint(cache: BaseCache | CacheMeta) -> str:
     """SHA-256 of the cache's metadata, which determines its contents (model, inputs, sigma, n, alpha, seed)."""
-    return hashlib.sha256(cache.meta.to_json().encode()).hexdigest()
+    meta = cache.meta if isinstance(cache, BaseCache) else cache
+    return hashlib.sha256(meta.to_json().encode()).hexdigest()
 
 
-def study_attrs(study: Study, cache: BaseCache, base_accuracy: float, model: nn.Module) -> dict:
-    """What a study records about the certificate its trials build on; resuming requires the same values."""
+def settings_attrs(study: Study, meta: CacheMeta) -> dict:
+    """The part of :func:`study_attrs` known before certifying: the settings and the cache's fingerprint."""
     i = study.irs
     return {
-        "cache_fingerprint": cache_fingerprint(cache),
-        "sigma": cache.meta.sigma,
-        "n": cache.meta.n,
-        "alpha": cache.meta.alpha,
+        "cache_fingerprint": cache_fingerprint(meta),
+        "sigma": meta.sigma,
+        "n": meta.n,
+        "alpha": meta.alpha,
         "n_p": i.n_p,
         "alpha_zeta": i.alpha_zeta,
         "alpha_d": i.alpha_d,
@@ -334,7 +335,14 @@ def study_attrs(study: Study, cache: BaseCache, base_accuracy: float, model: nn.
         "allocate": i.allocate,
         "block": i.block,
         "pilot": i.pilot,
-        "confidence": 1.0 - study.irs_settings.total_alpha(cache.meta.alpha),
+        "confidence": 1.0 - study.irs_settings.total_alpha(meta.alpha),
+    }
+
+
+def study_attrs(study: Study, cache: BaseCache, base_accuracy: float, model: nn.Module) -> dict:
+    """What a study records about the certificate its trials build on; resuming requires the same values."""
+    return {
+        **settings_attrs(study, cache.meta),
         "search_inputs": len(cache),
         "base_acr": float(cache.summary()["acr"]),
         "base_accuracy": base_accuracy,
@@ -547,20 +555,43 @@ def _wait_for_setup(optuna_study: optuna.Study, study: Study, timeout: float) ->
 def _check_recorded(study: Study, recorded: dict, attrs: dict) -> None:
     keys = CHECKED_ATTRS + (TAIL_ATTRS if attrs["irs_mode"] == "tail" else ())
     recorded = {**RECORDED_BEFORE, **recorded}
-    diffs = [f"{k}: study has {recorded.get(k)!r}, now {attrs[k]!r}" for k in keys if recorded.get(k) != attrs[k]]
-    if not diffs:
-        return
-    hint = ""
-    if recorded.get("cache_fingerprint") != attrs["cache_fingerprint"]:
-        hint = (
-            "\nThis worker's base cache is not the one the study was run against: every worker must read the same "
-            "cache (same model checkpoint, inputs and certify settings). Put the study's output_dir on storage all "
-            "machines share, or copy the cache and the model checkpoint from the machine that created the study."
+    diffs = [k for k in keys if recorded.get(k) != attrs[k] and k != _SETUP_MARK]
+    fix = f"use a new study.name or output_dir, or delete the study ({_delete_hint(study)})"
+    if diffs:
+        changed = "; ".join(f"{k}: study has {recorded.get(k)!r}, now {attrs[k]!r}" for k in diffs)
+        raise StudyMismatchError(
+            f"study {study.name!r} was tuned with other settings ({changed}); resuming it would mix certificates: "
+            f"restore those settings, or {fix}"
         )
-    raise StudyMismatchError(
-        f"study {study.name!r} in {masked_url(study.storage)} was run against another base certification or IRS "
-        "setting:\n  " + "\n  ".join(diffs) + hint + "\nUse a new study name (study.name) or delete the study."
-    )
+    if recorded.get(_SETUP_MARK) != attrs[_SETUP_MARK]:
+        where = (
+            "; every worker must read the same cache: put output_dir on storage all machines share, or copy the "
+            "cache and the model checkpoint from the machine that created the study"
+            if is_shared_storage(study.storage)
+            else ""
+        )
+        raise StudyMismatchError(
+            f"study {study.name!r} was tuned against another base certification (the model's weights, the data or "
+            f"a certify setting changed){where}; resuming it would mix certificates: restore them, or {fix}"
+        )
+
+
+def _delete_hint(study: Study) -> str:
+    url = study.storage
+    if url.startswith("sqlite:///"):
+        return f"rm {url.removeprefix('sqlite:///')}"
+    return f"optuna delete-study --study-name {study.name} --storage URL"
+
+
+def check_existing(study: Study, attrs: dict) -> None:
+    """Refuse, before any certification, to resume a study recorded with other settings or another base cache.
+
+    ``attrs`` are :func:`settings_attrs` of the certification about to be used; a study that does not exist yet, or
+    that its creator has not finished setting up, passes.
+    """
+    existing = load_existing_study(study)
+    if existing is not None and _SETUP_MARK in existing.user_attrs:
+        _check_recorded(study, existing.user_attrs, attrs)
 
 
 def load_existing_study(study: Study) -> optuna.Study | None:

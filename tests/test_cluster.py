@@ -314,7 +314,7 @@ def test_three_workers_one_killed_mid_trial(tmp_path, postgres_url, capsys):
     assert _main_in(tmp_path, ["certify", str(other)]) == 0  # a local cache, of other inputs
     assert _main_in(tmp_path, ["tune", str(other)]) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "cache_fingerprint: study has" in err and "every worker must read the same cache" in err, err
+    assert "tuned against another base certification" in err and "every worker must read the same cache" in err, err
 
     lonely = tmp_path / "lonely.toml"
     lonely.write_text(CLUSTER_STUDY.format(name=name, output_dir="lonely", trials=trials, url=postgres_url))
@@ -360,7 +360,7 @@ def test_creator_enqueues_baselines_joiners_do_not(tmp_path, monkeypatch):
     assert first.created and not second.created and second.enqueued == []
     assert sorted(first.enqueued) == sorted(BASELINES)
     assert len(second.study.trials) == len(BASELINES)
-    with pytest.raises(search.StudyMismatchError, match="every worker must read the same cache"):
+    with pytest.raises(search.StudyMismatchError, match="tuned against another base certification"):
         search.create_study(study, {**attrs, "cache_fingerprint": 2}, ["conv1", "fc"])
 
 
