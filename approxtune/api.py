@@ -78,13 +78,17 @@ class TuneResult:
         return report.front_rows(self.study)
 
 
-def _shared_cache(job: Job) -> BaseCache:
-    """The search cache of a worker on a shared study storage: it must exist and match; workers never certify."""
-    study = job.study
-    first = (
+def _first(study: Study) -> str:
+    return (
         f"run `approxtune certify {study.origin}` once first (or `--shard I/K` on several machines, then `--merge`), "
         "with the study's output_dir on storage every worker sees"
     )
+
+
+def _shared_cache(job: Job) -> BaseCache:
+    """The search cache of a worker on a shared study storage: it must exist and match; workers never certify."""
+    study = job.study
+    first = _first(study)
     path = study.cache_path("search")
     try:
         cache = load_cache(path)
@@ -175,13 +179,17 @@ def tune(
     reporter = reporter or Reporter(quiet=not verbose)
     study_settings = settings(study, data, **keywords)
     shared = search.is_shared_storage(study_settings.storage)
+    refusal = (  # a worker on a shared storage would race the others
+        f"no checkpoint at {study_settings.checkpoint}; with a shared study storage "
+        f"({search.masked_url(study_settings.storage)}) workers neither train nor certify: {_first(study_settings)}"
+    )
     job = prepare(
         study_settings,
         model=model,
         data=data,
         device=device,
         train_progress=reporter.progress,
-        allow_training=not shared,  # a worker on a shared storage would race the others
+        no_training=refusal if shared else None,
     )
     return tune_job(job, reporter, callbacks=callbacks, shared=shared)
 

@@ -67,7 +67,7 @@ def _certify_split(study: Study, args: argparse.Namespace) -> None:
             f"no checkpoint at {study.checkpoint}: shards and merges use the model every shard shares; train it once "
             f"first (approxtune train {args.study}, or put the checkpoint there / set model.checkpoint)"
         )
-    job = prepare(study, device=args.device, allow_training=False)
+    job = prepare(study, device=args.device, no_training=f"no checkpoint at {study.checkpoint}")
     model, device, inputs = job.model, job.device, job.inputs(args.split)
     path = study.cache_path(args.split)
     expected = pipeline.expected_meta(study, model, inputs, args.split)

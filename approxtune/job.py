@@ -117,20 +117,20 @@ def prepare(
     data: object | None = None,
     device: str | torch.device | None = None,
     train_progress: Callable[[str, int], Any] | None = None,
-    allow_training: bool = True,
+    no_training: str | None = None,
 ) -> Job:
     """The :class:`Job` of ``study``: ``model`` and ``data`` as given, or as the study's [model] and [data] say.
 
     Checks the data first, then builds or loads the model (training the embedded digits model when its checkpoint
-    is missing, with ``train_progress(description, epochs)`` as a progress context, unless ``allow_training`` is
-    False, when a missing checkpoint is an error), then checks the two together (:func:`check_model`).  The given
+    is missing, with ``train_progress(description, epochs)`` as a progress context; ``no_training`` instead makes a
+    missing checkpoint an error with that message), then checks the two together (:func:`check_model`).  The given
     ``model`` is not modified: f is a copy, in eval mode, on the device.
     """
     check_writable(study.output_dir)
     device = pipeline.resolve_device(study, str(device) if device is not None else None)
     train = model is None and pipeline.needs_training(study)
-    if train and not allow_training:
-        raise ApproxtuneError(f"no checkpoint at {study.checkpoint}; train it first: approxtune train {study.origin}")
+    if train and no_training is not None:
+        raise ApproxtuneError(no_training)
     if model is not None:
         if not isinstance(model, nn.Module):
             raise ModelError(f"the model is a {type(model).__name__}, not a torch.nn.Module")
