@@ -479,7 +479,7 @@ def _user_inputs(x: torch.Tensor, what: str) -> torch.Tensor:
     x = x.to(torch.float32)
     bad = ~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
     if bool(bad.any()):
-        rows = torch.flatnonzero(bad)[:10].tolist()
+        rows = torch.nonzero(bad).flatten()[:10].tolist()
         raise DataError(f"{what} holds NaN or infinite values (rows {rows}); clean or drop those inputs")
     return x.contiguous()
 
@@ -501,7 +501,7 @@ class UserData:
             if len(x) != len(y):
                 raise DataError(f"{what}: x has {len(x)} inputs but y has {len(y)} labels; give one label per input")
             self._x, self._y = x, y
-        elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        elif hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, str | bytes):
             self._dataset = data
         else:
             raise DataError(

@@ -132,6 +132,12 @@ def prepare(
     if train and no_training is not None:
         raise ApproxtuneError(no_training)
     if model is not None:
+        named = [key for key in ("arch", "factory", "torchvision", "checkpoint") if getattr(study.model, key)]
+        if named:
+            raise ModelError(
+                f"the model is given as an object and in [model] ({', '.join('model.' + k for k in named)} in "
+                f"{study.origin}); give it one way, not both"
+            )
         if not isinstance(model, nn.Module):
             raise ModelError(f"the model is a {type(model).__name__}, not a torch.nn.Module")
         spec = {"kind": "module", "class": qualified_name(type(model))}
