@@ -1,7 +1,8 @@
 """The per-layer approximation space: weight-only quantization and L1 pruning of a classifier ``f``.
 
-An :class:`ApproximationConfig` maps compressible layers (``nn.Conv2d`` and ``nn.Linear``, addressed by their
-qualified names from ``named_modules()``) to a :class:`LayerChoice` — a precision in :data:`PRECISIONS` and a
+An :class:`ApproximationConfig` maps compressible layers (``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d`` and
+``nn.Linear``, addressed by their qualified names from ``named_modules()``; output channels along dim 0 of the weight)
+to a :class:`LayerChoice` — a precision in :data:`PRECISIONS` and a
 within-layer L1 pruning amount in [0, 1) — plus an optional *global* L1 pruning amount across all of the config's
 layers.  Layers that the config does not name are left exactly as they are; only weights change (biases, BatchNorm
 and every other tensor stay fp32).
@@ -129,7 +130,7 @@ def _suggest(word: str, valid: Iterable[str]) -> str:
 def compressible_layers(
     model: nn.Module, include: list[str] | None = None, exclude: list[str] | None = None
 ) -> list[str]:
-    """Qualified names of ``model``'s ``nn.Conv2d``/``nn.Linear`` modules (subclasses too), in module order.
+    """Qualified names of ``model``'s Conv1d/Conv2d/Conv3d/Linear modules (subclasses too), in module order.
 
     ``include`` keeps only layers matching at least one glob pattern (``fnmatch``, case-sensitive; ``*`` also matches
     dots); ``None`` or ``[]`` keeps all.  ``exclude`` then drops layers matching any of its patterns.  Every pattern
