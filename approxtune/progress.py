@@ -42,9 +42,9 @@ class Reporter:
     def info(self, message: str) -> None:
         """A line of plain text (no markup is interpreted)."""
         if not self.quiet:
-            self.console.print(message, highlight=False, markup=False)
+            self.console.print(message, highlight=False, markup=False, soft_wrap=True)
 
     def warn(self, message: str) -> None:
         """A warning line, in yellow."""
         if not self.quiet:
-            self.console.print(message, style="yellow", highlight=False, markup=False)
+            self.console.print(message, style="yellow", highlight=False, markup=False, soft_wrap=True)
