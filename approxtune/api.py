@@ -24,7 +24,6 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 from torch import nn
 
@@ -36,8 +35,7 @@ from approxtune.progress import Reporter
 
 __all__ = ["Certification", "TuneResult", "certify", "settings", "tune"]
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-"""Trials that count towards search.trials: a trial stopped by racing was a candidate evaluated."""
+FINISHED = search.FINISHED
 
 StudyLike = Study | dict | str | Path | None
 
@@ -213,13 +211,21 @@ def tune_job(
     layers = search.searched_layers(study, job.model)
     opened = search.create_study(study, attrs, layers)
     optuna_study = opened.study
+    if opened.created and study.search.trials < len(opened.enqueued):
+        reporter.warn(
+            f"search.trials = {study.search.trials} is below the {len(opened.enqueued)} baselines: only baselines will "
+            "run; raise search.trials to search beyond them (or set search.baselines = false)"
+        )
+    dead = search.fail_dead_local_trials(optuna_study)
+    if dead:
+        reporter.warn(f"Trial(s) {', '.join(map(str, dead))} died with their worker on this host: failed, run again.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         # Optuna checks for stale trials only when a trial starts; a study that needs no more trials would otherwise
         # keep the trial of a worker that died near its end RUNNING for ever.
         optuna.storages.fail_stale_trials(optuna_study)
     done = len(optuna_study.get_trials(deepcopy=False, states=FINISHED))
-    remaining = max(0, study.search.trials - done)
+    remaining = max(study.search.trials - done, search.pending_retries(optuna_study))  # retries run before the end
     how = f"created it; baselines: {', '.join(opened.enqueued) or 'none'}" if opened.created else "joined it"
     reporter.info(
         f"Study {study.name!r} ({search.masked_url(study.storage)}): worker {search.worker_id()} {how}; "
@@ -241,7 +247,7 @@ def tune_job(
                 objective,
                 n_trials=remaining,
                 timeout=study.search.timeout or None,
-                callbacks=[*callbacks, MaxTrialsCallback(study.search.trials, states=FINISHED)],
+                callbacks=[*callbacks, search.StopWhenDone(study.search.trials)],
             )
     finished = optuna_study.get_trials(deepcopy=False, states=FINISHED)
     stopped = sum(t.state == TrialState.PRUNED for t in finished)

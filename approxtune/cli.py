@@ -158,11 +158,12 @@ class StopAfterTrial:
             optuna_study.stop()
 
 
-def cmd_tune(args: argparse.Namespace) -> None:
+def cmd_tune(args: argparse.Namespace) -> int:
     study = load_study(args.study)
     with StopAfterTrial() as stopper:
         result = api.tune(study=study, device=args.device, reporter=reporter, callbacks=[stopper])
     _show_front(study, result.study, as_json=False)
+    return INTERRUPTED if stopper.requested else 0  # scripts can tell a stopped run from a finished one
 
 
 def _show_front(study: Study, optuna_study: optuna.Study, as_json: bool) -> None:
@@ -340,12 +341,16 @@ def tune_malloc() -> bool:
         return False
 
 
+INTERRUPTED = 130
+"""Exit code of a run stopped by Ctrl-C (128 + SIGINT, the shell's convention)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     tune_malloc()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (ValueError, OSError) as exc:
         if args.debug:
             raise
@@ -353,8 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]Interrupted.[/]")
-        return 130
-    return 0
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

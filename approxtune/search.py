@@ -404,6 +404,71 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+"""Trials that count towards search.trials: a trial stopped by racing was a candidate evaluated."""
+
+
+def pending_retries(optuna_study: optuna.Study) -> int:
+    """WAITING copies of failed trials (retries enqueued by Optuna's stale-trial callback)."""
+    waiting = optuna_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    return sum("failed_trial" in t.system_attrs for t in waiting)
+
+
+class StopWhenDone:
+    """An Optuna callback: stop once ``trials`` trials have finished and no retry of a failed trial is waiting.
+
+    (Optuna's ``MaxTrialsCallback`` counts finished trials only, so a study could end with the retry of a dead trial
+    never run.)
+    """
+
+    def __init__(self, trials: int) -> None:
+        self.trials = trials
+
+    def __call__(self, optuna_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        done = len(optuna_study.get_trials(deepcopy=False, states=FINISHED))
+        if done >= self.trials and not pending_retries(optuna_study):
+            optuna_study.stop()
+
+
+def fail_dead_local_trials(optuna_study: optuna.Study) -> list[int]:
+    """Fail, and enqueue a retry of, every RUNNING trial whose worker ran on this host and is no longer alive.
+
+    A worker records ``host:pid`` (:func:`worker_id`) when its trial starts; on this host, a pid that no longer
+    exists means the trial is dead now, so it need not wait for the heartbeat's grace period (which still applies to
+    other hosts).  The retry is Optuna's own (the storage's stale-trial callback), so the copy runs next and
+    records which trial it replaces.  Returns the numbers of the trials failed.
+    """
+    host = socket.gethostname()
+    storage = optuna_study._storage  # the public API has no way to fail another process's trial
+    retry = (
+        storage.get_heartbeat_stale_trial_callback() if hasattr(storage, "get_heartbeat_stale_trial_callback") else None
+    )
+    failed = []
+    for trial in optuna_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if worker_host != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            if not storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:  # another process failed it first
+            continue
+        failed.append(trial.number)
+        if retry is not None:
+            retry(optuna_study, storage.get_trial(trial._trial_id))
+    return failed
+
+
 _SCHEMA_LOCK = 0x617070726F78  # pg_advisory_lock key ("approx") serialising Optuna's table creation
 
 

@@ -174,7 +174,7 @@ def test_ctrl_c_finishes_the_running_trial_and_prints_the_front(tmp_path):
     _wait_for_trials(proc, 2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 130, err  # stopped, not finished: scripts can tell
     assert "Stopping after the current trial" in err and "Traceback" not in err
     assert "Pareto front" in out
     db = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs/tiny/study.db'}")
@@ -194,6 +194,43 @@ def test_killed_tune_continues_when_run_again(tmp_path):
     assert main_in(tmp_path, ["tune", str(study)]) == 0
     db = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs/tiny/study.db'}")
     assert len(db.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 9
+
+
+@pytest.mark.slow
+def test_a_trial_killed_with_its_worker_is_failed_and_run_again_at_once(tmp_path):
+    """SIGKILL mid-trial, then an immediate rerun (well inside the 90 s heartbeat grace): the dead trial's worker was
+    this host and is gone, so it is failed and its copy runs; the study ends with every baseline and no trial left
+    RUNNING or WAITING."""
+    study = tmp_path / "slow.toml"
+    slow = (
+        TINY.replace("n = 200", "n = 2000")
+        .replace("n_p = 100", "n_p = 800")
+        .replace("search_inputs = 30", "search_inputs = 60")
+    )
+    study.write_text(slow.replace('name = "tiny"', 'name = "slow"').replace("runs/tiny", "runs/slow"))
+    proc = _start_tune(tmp_path, study)
+    _wait_for_trials(proc, 2)
+    proc.kill()
+    proc.communicate()
+    db_url = f"sqlite:///{tmp_path / 'runs/slow/study.db'}"
+    running = [
+        t.number for t in optuna.load_study(study_name="slow", storage=db_url).trials if t.state.name == "RUNNING"
+    ]
+    assert len(running) == 1, "the kill landed mid-trial"
+    completed = subprocess.run(
+        [sys.executable, "-m", "approxtune.cli", "tune", str(study)], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert f"Trial(s) {running[0]} died with their worker on this host" in completed.stderr
+    trials = optuna.load_study(study_name="slow", storage=db_url).trials
+    by_state = {state: [t for t in trials if t.state.name == state] for state in ("COMPLETE", "PRUNED", "FAIL")}
+    assert [t.number for t in by_state["FAIL"]] == running
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    assert len(by_state["COMPLETE"]) + len(by_state["PRUNED"]) == 9
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == running[0]]
+    assert len(retries) == 1 and retries[0].state.name in ("COMPLETE", "PRUNED")
+    baselines = {t.user_attrs.get("baseline") for t in by_state["COMPLETE"] + by_state["PRUNED"]} - {None}
+    assert baselines == {"fp32", "fp16", "bf16", "int8", "prune5", "prune10", "prune20"}
 
 
 def main_in(directory, argv):
