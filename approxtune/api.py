@@ -114,17 +114,19 @@ def certify_job(job: Job, split: str, reporter: Reporter, *, shared: bool = Fals
     study, inputs = job.study, job.inputs(split)
     c = study.certify
     path = study.cache_path(split)
-    with reporter.progress(f"certify g on {len(inputs)} {split} inputs", len(inputs) * (c.n0 + c.n)) as advance:
-        cache, built = pipeline.ensure_cache(
-            study,
-            job.model,
-            inputs,
-            split,
-            device=job.device,
-            progress=advance,
-            on_rebuild=lambda why: reporter.warn(f"Rebuilding {path}: {why}"),
-            on_adopt=reporter.info,
-        )
+    cache = pipeline.reusable_cache(
+        study,
+        job.model,
+        inputs,
+        split,
+        on_rebuild=lambda why: reporter.warn(f"Rebuilding {path}: {why}"),
+        on_adopt=reporter.info,
+    )
+    built = cache is None
+    if built:
+        pipeline.check_room(study, len(inputs), job.num_classes)
+        with reporter.progress(f"certify g on {len(inputs)} {split} inputs", len(inputs) * (c.n0 + c.n)) as advance:
+            cache = pipeline.build_cache(study, job.model, inputs, split, device=job.device, progress=advance)
     reporter.info(f"{'Wrote' if built else 'Reusing'} the base cache {path}")
     return Certification(cache, search.clean_accuracy(job.model, inputs, job.device), built, split)
 

@@ -371,8 +371,8 @@ def _load_tensor_file(path: Path) -> Mapping[str, object]:
         if blocked is None:
             raise DataError(f"{path} is not a readable {suffix} file; {_TENSOR_FILE_HINT}") from None
         raise DataError(
-            f"refusing to load {path}: it holds more than tensors (it refers to {blocked.group(1)}), and unpickling "
-            f"it could run code; save torch tensors, not numpy arrays or other objects: {_TENSOR_FILE_HINT}"
+            f"refusing to load {path}: unsafe: it holds more than tensors (it refers to {blocked.group(1)}), and "
+            f"unpickling it could run code; save torch tensors, not numpy arrays or other objects: {_TENSOR_FILE_HINT}"
         ) from None
     except ValueError as exc:  # numpy: "Object arrays cannot be loaded when allow_pickle=False"
         raise DataError(f"cannot read {path} ({exc}); store plain numeric arrays: {_TENSOR_FILE_HINT}") from None

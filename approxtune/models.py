@@ -297,9 +297,9 @@ def _read(path: Path) -> object:
         if blocked is None:
             raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({reason})") from None
         raise CheckpointError(
-            f"refusing to load {path}: it is not a plain-data checkpoint, and unpickling it could run code (it refers "
-            f"to {blocked}, which torch.load(weights_only=True) does not allow). If you trust the file, re-save it as "
-            f'torch.save({{"arch": ARCH, "state_dict": model.state_dict()}}, PATH)'
+            f"refusing to load {path}: unsafe: it is not a plain-data checkpoint, and unpickling it could run code (it "
+            f"refers to {blocked}, which torch.load(weights_only=True) does not allow). If you trust the file, re-save "
+            f'it as torch.save({{"arch": ARCH, "state_dict": model.state_dict()}}, PATH)'
         ) from None
     except Exception as exc:  # a truncated or foreign file fails anywhere inside torch.load
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None

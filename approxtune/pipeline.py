@@ -7,6 +7,7 @@ study, (re)building it otherwise — so that ``approxtune tune`` runs from a fre
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from approxtune.cache import (
     cache_meta,
     load_cache,
 )
+from approxtune.certification import class_dtype
 from approxtune.config import Study
 from approxtune.data import DataError, Inputs, UserData, dataset_size, digits_splits, read_inputs
 from approxtune.models import CheckpointError, build_architecture, load_checkpoint, load_weights, save_checkpoint
@@ -273,6 +275,106 @@ def adopt_legacy_cache(
     return True
 
 
+def reusable_cache(
+    study: Study,
+    model: nn.Module,
+    inputs: Inputs,
+    split: str,
+    *,
+    on_rebuild: Callable[[str], None] | None = None,
+    on_adopt: Callable[[str], None] | None = None,
+) -> BaseCache | None:
+    """The base cache of ``split`` on disk if it matches the study (adopting one under the old name), else None.
+
+    ``on_rebuild`` is told why an existing cache cannot be reused, ``on_adopt`` that one was renamed
+    (:func:`adopt_legacy_cache`).
+    """
+    path = study.cache_path(split)
+    expected = expected_meta(study, model, inputs, split)
+    adopt_legacy_cache(study, split, expected, on_adopt)
+    if not path.exists():
+        return None
+    try:
+        cache = load_cache(path)
+        cache.check(expected)
+    except CacheError as exc:
+        if on_rebuild is not None:
+            on_rebuild(str(exc))
+        return None
+    return cache
+
+
+def cache_bytes(study: Study, inputs: int, num_classes: int) -> int:
+    """Bytes of a base cache's predictions of ``inputs`` inputs (the bulk of the cache): ``inputs x n`` classes."""
+    return inputs * study.certify.n * class_dtype(num_classes).itemsize
+
+
+def check_room(study: Study, inputs: int, num_classes: int) -> None:
+    """Refuse, before certifying, a base cache that the disk or the memory cannot hold.
+
+    Certifying writes the predictions twice on disk (the checkpointed chunks, then the cache, before the chunks are
+    removed) and concatenates them in memory once.
+    """
+    size = cache_bytes(study, inputs, num_classes)
+    where = Path(study.output_dir).absolute()
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    what = f"certifying {inputs} inputs with certify.n = {study.certify.n:,} makes a cache of {_human(size)}"
+    if 2 * size > free:
+        raise CacheError(
+            f"{what} (twice that while it is written), but {where} has {_human(free)} free; lower certify.n or the "
+            "number of inputs, or set study.output_dir on a larger disk"
+        )
+    memory = _available_memory()
+    if memory is not None and size > memory:
+        raise CacheError(
+            f"{what}, which must fit in memory once, but {_human(memory)} is available; lower certify.n or the number "
+            "of inputs"
+        )
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _human(size: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def build_cache(
+    study: Study,
+    model: nn.Module,
+    inputs: Inputs,
+    split: str,
+    *,
+    device: torch.device,
+    progress: Callable[[int], None] | None = None,
+) -> BaseCache:
+    """Certify g on the inputs of ``split`` (resuming finished chunks) and write its base cache."""
+    settings = certify_settings(study, split)
+    return build_base_cache(
+        model,
+        inputs,
+        study.cache_path(split),
+        settings,
+        batch_size=study.certify.batch_size,
+        device=device,
+        progress=progress,
+    )
+
+
 def ensure_cache(
     study: Study,
     model: nn.Module,
@@ -286,22 +388,9 @@ def ensure_cache(
 ) -> tuple[BaseCache, bool]:
     """Load the base cache of ``split`` if it matches the study, else certify g and write it.
 
-    Returns the cache and whether it was (re)built.  ``on_rebuild`` is told why an existing cache was not reused,
-    ``on_adopt`` that a cache under the old name was renamed (see :func:`adopt_legacy_cache`).
+    Returns the cache and whether it was (re)built (:func:`reusable_cache`, then :func:`build_cache`).
     """
-    path = study.cache_path(split)
-    expected = expected_meta(study, model, inputs, split)
-    adopt_legacy_cache(study, split, expected, on_adopt)
-    if path.exists():
-        try:
-            cache = load_cache(path)
-            cache.check(expected)
-            return cache, False
-        except CacheError as exc:
-            if on_rebuild is not None:
-                on_rebuild(str(exc))
-    settings = certify_settings(study, split)
-    cache = build_base_cache(
-        model, inputs, path, settings, batch_size=study.certify.batch_size, device=device, progress=progress
-    )
-    return cache, True
+    cache = reusable_cache(study, model, inputs, split, on_rebuild=on_rebuild, on_adopt=on_adopt)
+    if cache is not None:
+        return cache, False
+    return build_cache(study, model, inputs, split, device=device, progress=progress), True

@@ -526,9 +526,9 @@ def storage(
                     engine_kwargs=engine_kwargs,
                 )
         except ImportError as exc:
+            fix = _DRIVER_HINTS.get(url.split(":", 1)[0].split("+", 1)[0], "install the driver SQLAlchemy names")
             raise ValueError(
-                f"the study storage {masked_url(url)} needs a database driver that is not installed ({exc}); for "
-                "PostgreSQL: pip install 'approxtune[postgres]'"
+                f"the study storage {masked_url(url)} needs a database driver that is not installed ({exc}); {fix}"
             ) from None
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
             # Another process creating the tables at the same moment (SQLite, MySQL), or a server that is not up.
@@ -537,6 +537,12 @@ def storage(
                 raise ValueError(f"cannot open the study storage {masked_url(url)}: {reason}") from None
             time.sleep(0.2 * 2**attempt)
     raise AssertionError("unreachable")
+
+
+_DRIVER_HINTS = {
+    "postgresql": "for PostgreSQL: pip install 'approxtune[postgres]' (URL postgresql+psycopg2://...)",
+    "mysql": "for MySQL: pip install pymysql and use a mysql+pymysql://... URL",
+}
 
 
 def _storage_of(study: Study) -> optuna.storages.BaseStorage:

@@ -168,6 +168,17 @@ def test_certify_alone(tmp_path, mlp):
     assert not again.built and np.array_equal(again.cache.radius, cert.cache.radius)
 
 
+def test_a_cache_the_disk_cannot_hold_is_refused_before_certifying(tmp_path, mlp):
+    keywords = {**SMALL, "n": 10**12, "trials": 0}
+    with pytest.raises(
+        approxtune.ApproxtuneError,
+        match=r"certifying 30 inputs with certify.n = 1,000,000,000,000 "
+        r"makes a cache of 30.0 TB \(twice that while it is written\), but .* free",
+    ):
+        approxtune.certify(mlp, digits_flat(), output_dir=str(tmp_path / "big"), **keywords)
+    assert not (tmp_path / "big").exists()
+
+
 class NoLayers(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, :10]

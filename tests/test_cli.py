@@ -81,10 +81,12 @@ def test_resume_adds_only_the_missing_trials_and_refuses_other_settings(tuned, c
     more.write_text(TINY.replace("trials = 9", "trials = 11"))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
+        capsys.readouterr()
         assert main(["tune", str(more)]) == 0  # same study name, same output dir: resumes
         study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{root / 'runs/tiny/study.db'}")
         assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 11
-        capsys.readouterr()
+        err = capsys.readouterr().err
+        assert "Reusing the base cache" in err and "certify g on" not in err, "no certification bar for a reused cache"
         other = root / "other.toml"
         other.write_text(TINY.replace("n_p = 100", "n_p = 80"))
         assert main(["tune", str(other)]) == 2
