@@ -1,17 +1,16 @@
 """Scale-out: workers on one study through a real PostgreSQL server, a worker killed mid-trial, base certification
 split into shards and merged byte for byte.
 
-The PostgreSQL tests need a server.  ``.ci/run`` starts the Debian cluster and exports
-``APPROXTUNE_TEST_POSTGRES_URL``; without it, the tests start a private throwaway server from the PostgreSQL
-binaries when they are installed (``apt-get install postgresql``).  With neither, they fail and say how to get one,
-unless ``APPROXTUNE_SKIP_POSTGRES=1`` opts out knowingly.
+The PostgreSQL tests need a real server.  ``.ci/run`` starts the Debian cluster and exports
+``APPROXTUNE_TEST_POSTGRES_URL``; without it, the tests start a private throwaway server from ``pgserver`` (a
+pip-installable PostgreSQL that the test extra brings: ``pip install -e '.[test]'``), on a local socket only, so the
+README's two commands pass the tests on a fresh machine.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import shutil
 import signal
 import socket
@@ -21,6 +20,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from unittest import mock
 
 import optuna
 import pytest
@@ -32,12 +32,10 @@ from approxtune.cli import main
 from approxtune.config import load_study
 
 URL_ENV = "APPROXTUNE_TEST_POSTGRES_URL"
-OPT_OUT_ENV = "APPROXTUNE_SKIP_POSTGRES"
 HOW_TO_GET_A_SERVER = (
-    f"the PostgreSQL tests need a server and found none: run `bash .ci/run` (it installs and starts one), or install "
-    f"the PostgreSQL binaries (`apt-get install postgresql`; the tests then start a private throwaway server), or "
-    f"point {URL_ENV} at one (postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DB, a role allowed to CREATE DATABASE). "
-    f"To skip these tests knowingly, set {OPT_OUT_ENV}=1."
+    f"the PostgreSQL tests need a server and found none: install the test extra (`pip install -e '.[test]'`, which "
+    f"brings pgserver, a PostgreSQL the tests start themselves), or point {URL_ENV} at a server "
+    "(postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DB, a role allowed to CREATE DATABASE)"
 )
 
 BASELINES = {"fp32", "fp16", "bf16", "int8", "prune5", "prune10", "prune20"}
@@ -73,15 +71,6 @@ grace_period = 2
 # A PostgreSQL server for the tests
 
 
-def _postgres_bindir() -> Path | None:
-    """The directory of pg_ctl and initdb (Debian keeps them in /usr/lib/postgresql/<version>/bin)."""
-    found = shutil.which("pg_ctl")
-    if found:
-        return Path(found).resolve().parent
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parts[-3]))
-    return versions[-1].parent if versions else None
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -89,34 +78,21 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _private_server(bindir: Path):
-    """A throwaway PostgreSQL server on 127.0.0.1 (trust auth, no fsync), removed afterwards."""
+def _private_server():
+    """A throwaway PostgreSQL server of ``pgserver`` (its own binaries, a Unix socket, no TCP), removed afterwards."""
     root = Path(tempfile.mkdtemp(prefix="approxtune-pg-"))
-    run_as: list[str] = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as the postgres user the package creates
-        try:
-            user = pwd.getpwnam("postgres")
-        except KeyError:
-            shutil.rmtree(root)
-            pytest.fail("running as root, PostgreSQL must run as another user, and there is no user 'postgres'")
-        os.chown(root, user.pw_uid, user.pw_gid)
-        run_as = ["runuser", "-u", "postgres", "--"]
-    data, port = root / "data", _free_port()
-
-    def run(*args: str) -> None:
-        done = subprocess.run([*run_as, *args], cwd=root, capture_output=True, text=True, timeout=120)
-        if done.returncode:
-            log = (root / "log").read_text() if (root / "log").exists() else ""
-            pytest.fail(f"{' '.join(args[:2])} failed: {done.stdout}{done.stderr}{log}")
-
+    runtime = {} if os.environ.get("XDG_RUNTIME_DIR") else {"XDG_RUNTIME_DIR": str(root)}  # pgserver's lock files
     try:
-        run(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "approxtune", "-E", "UTF8", "--no-sync")
-        options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off"
-        run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-o", options, "-w", "-t", "60", "start")
-        try:
-            yield f"postgresql+psycopg2://approxtune@127.0.0.1:{port}/postgres"
-        finally:
-            subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], cwd=root)
+        with mock.patch.dict(os.environ, runtime):
+            try:
+                import pgserver
+            except ImportError:
+                pytest.fail(HOW_TO_GET_A_SERVER)
+            server = pgserver.get_server(root / "data", cleanup_mode="stop")
+            try:
+                yield server.get_uri().replace("postgresql://", "postgresql+psycopg2://", 1)
+            finally:
+                server.cleanup()
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -155,14 +131,8 @@ def postgres_url():
         with _fresh_database(url) as fresh:
             yield fresh
         return
-    bindir = _postgres_bindir()
-    if bindir is not None:
-        with _private_server(bindir) as server, _fresh_database(server) as fresh:
-            yield fresh
-        return
-    if os.environ.get(OPT_OUT_ENV) == "1":
-        pytest.skip(f"{OPT_OUT_ENV}=1: PostgreSQL tests skipped on purpose (CI runs them)")
-    pytest.fail(HOW_TO_GET_A_SERVER)
+    with _private_server() as server, _fresh_database(server) as fresh:
+        yield fresh
 
 
 # --------------------------------------------------------------------------------------------------------------------
