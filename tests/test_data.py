@@ -324,7 +324,7 @@ def test_malicious_pt_tensor_file_is_refused(tmp_path: Path) -> None:
         tmp_path / "m.pt",
     )
     with pytest.raises(
-        DataError, match=r"refusing to load .*m\.pt: it holds more than tensors \(it refers to posix\.system"
+        DataError, match=r"refusing to load .*m\.pt: unsafe: it holds more than tensors \(it refers to posix\.system"
     ):
         tensor_file_inputs(tmp_path / "m.pt")
     assert not marker.exists()
