@@ -824,8 +824,8 @@ def export_trial(
             },
             "noise": noise,
             "search": {
-                "acr": attrs.get("acr", chosen.values[0]),
-                "accuracy": attrs.get("accuracy", chosen.values[1]),
+                "acr": chosen.values[0],
+                "accuracy": chosen.values[1],
                 "certified_accuracy": attrs.get("certified_accuracy"),
                 "confidence": attrs.get("confidence"),
                 "inputs": len(search_inputs),
