@@ -8,8 +8,10 @@ Each trial samples a precision and a pruning amount for every searched layer, bu
 * **accuracy** (maximise): f^p's clean accuracy on the search inputs;
 * **size** (minimise): the bytes of f^p's compressed weights (:func:`approxtune.approximation.model_size_bytes`).
 
-``study.best_trials`` is the Pareto front.  Trials carry their numbers as user attributes, so optuna-dashboard shows
-them; the study records what its trials were certified against and refuses to resume against anything else.
+``study.best_trials`` is the Pareto front.  Trials carry their numbers as user attributes, rounded to what they mean,
+so optuna-dashboard shows them (with a note per trial, :mod:`approxtune.dashboard`); a complete trial keeps its exact
+result and per-input radii in the system attribute :data:`RESULT_ATTR`.  The study records what its trials were
+certified against and refuses to resume against anything else.
 
 **Racing.**  Most candidates of a multi-objective search end up dominated.  A trial's accuracy and size are known
 before any noise sample; its ACR is bounded from above, before sampling and after each fraction ``search.race`` of
@@ -723,9 +725,7 @@ def make_objective(
 def trial_radii(trial: optuna.trial.FrozenTrial) -> np.ndarray | None:
     """The certified radius of each search input a complete trial recorded, or None (a trial stopped by racing, or
     recorded before approxtune kept radii)."""
-    record = trial.system_attrs.get(RESULT_ATTR)
-    radii = None if record is None else json.loads(record).get("radii")
-    return None if radii is None else decode_radii(radii)
+    return TrialResult.from_trial(trial).radii if RESULT_ATTR in trial.system_attrs else None
 
 
 def front(optuna_study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
