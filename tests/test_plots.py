@@ -18,10 +18,11 @@ def _labels(fig):
 
 def test_every_front_point_is_labelled_with_its_trial_number_at_its_position():
     study = front_study()
+    add_trial(study, 0.30, 0.90, 9_000, config("int4/0.3", "int4/0.5", "int4/0.5", "int8"), same_as=3)  # same point
     fig = plots.front_figure(study)
     labels = _labels(fig)
     front = search.front(study)
-    assert {"0 fp32", "1 int8", "2", "3", "5"} == set(labels), "front trials (with baseline names) only"
+    assert {"0 fp32", "1 int8", "2", "3", "5", "6"} == set(labels), "front trials (with baseline names) only"
     for trial in front:
         name = trial.user_attrs.get("baseline")
         label = labels[f"{trial.number} {name}" if name else str(trial.number)]

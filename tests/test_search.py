@@ -212,6 +212,17 @@ def test_a_repeat_records_the_earlier_trials_exact_result_and_radii(setup):
     assert first.user_attrs["layer fc1"] == again.user_attrs["layer fc1"] == "int8, 30% pruned"
 
 
+def test_a_stopped_trial_shows_its_upper_acr_rounded_up():
+    stopped = search.Stopped("dominated by trial 1", 0.25, (0.123401, 0.9333333, 1000), 10, 0.123, "summary")
+    attrs = stopped.to_attrs()
+    assert (attrs["upper_acr"], attrs["accuracy"], attrs["size_bytes"], attrs["seconds"]) == (
+        0.1235,
+        0.9333,
+        1000,
+        0.12,
+    )
+
+
 def test_an_upper_bound_is_rounded_up_and_rounding_again_changes_nothing():
     rng = np.random.default_rng(0)
     for value in [*rng.uniform(0, 2, 1000), 0.1234, 0.12341, 0.99999, 0.0]:
