@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from approxtune import api, pipeline, report, search
+from approxtune import api, pipeline, plots, report, search
 from approxtune import cache as cache_mod
 from approxtune.cache import BaseCache, CacheError, CacheMeta, load_cache
 from approxtune.config import Study, load_study
@@ -166,30 +166,45 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return INTERRUPTED if stopper.requested else 0  # scripts can tell a stopped run from a finished one
 
 
-def _show_front(study: Study, optuna_study: optuna.Study, as_json: bool) -> None:
+def _show_front(
+    study: Study, optuna_study: optuna.Study, as_json: bool, curves: bool = False, trials: str | None = None
+) -> None:
+    from approxtune import export
+
+    artifacts = export.artifact_dir(study)
+    drawn = _draw_curves(study, optuna_study, trials, artifacts) if curves else None
     rows = report.front_rows(optuna_study)
     if as_json:
-        out.print_json(json.dumps({"study": study.name, "storage": study.storage, "front": rows}))
+        document = {"study": study.name, "storage": study.storage, "base": report.base_row(optuna_study), "front": rows}
+        if drawn is not None:
+            document["curves"] = str(drawn)
+        out.print_json(json.dumps(document))
         return
-    if not rows:
+    table = report.front_table(optuna_study)
+    if table is None:
         out.print("No feasible complete trial yet.")
         return
-    table = Table(title=f"Pareto front of {study.name!r}: ACR up, accuracy up, size down")
-    for column in ("trial", "ACR", "accuracy", "size (bytes)", "vs fp32", "layers"):
-        table.add_column(column, justify="right" if column != "layers" else "left")
-    for row in rows:
-        label = f"{row['trial']}" + (f" ({row['baseline']})" if row["baseline"] else "")
-        table.add_row(
-            label,
-            f"{row['acr']:.4f}",
-            f"{row['accuracy']:.3f}",
-            f"{row['size_bytes']:,}",
-            f"{row['size_ratio']:.1%}",
-            row["summary"],
-        )
     out.print(table)
-    png = report.plot_front(optuna_study, study.output_dir / "front.png")
-    out.print(f"Plot: {png}    Dashboard: optuna-dashboard {study.storage}")
+    png, html = plots.write_front(optuna_study, study.output_dir)
+    out.print(f"Plot: {png} (hover: {html.name})", highlight=False)
+    if drawn is not None:
+        out.print(f"Certified accuracy curves: {drawn}", highlight=False)
+    out.print(
+        f"Dashboard: optuna-dashboard {study.storage} --artifact-dir {artifacts}", highlight=False, soft_wrap=True
+    )
+
+
+def _draw_curves(study: Study, optuna_study: optuna.Study, trials: str | None, artifacts: Path) -> Path:
+    """``front --curves``: g, ``trials`` (default: fp32 and front trials spread over size) and their exports."""
+    numbers = report.parse_trials(trials) if trials else report.default_curve_trials(optuna_study)
+    base = report.base_radii(study, optuna_study)
+    curves, notes = report.curves(optuna_study, numbers, base, artifacts)
+    if base is None:
+        notes.insert(0, f"g's curve is left out: {study.cache_path('search')} is missing or not this study's cache")
+    for note in notes:
+        console.print(f"[yellow]{escape(note)}[/]")
+    title = f"{study.name}: certified accuracy against radius"
+    return plots.plot_curves(curves, study.output_dir / "curves.png", title)
 
 
 def cmd_front(args: argparse.Namespace) -> None:
@@ -198,7 +213,8 @@ def cmd_front(args: argparse.Namespace) -> None:
     optuna_study = search.load_existing_study(study)
     if optuna_study is None:
         raise ValueError(f"no study {study.name!r} in {study.storage}; run `approxtune tune {args.study}` first")
-    _show_front(study, optuna_study, as_json=args.json)
+    curves = args.curves or args.trials is not None
+    _show_front(study, optuna_study, as_json=args.json, curves=curves, trials=args.trials)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -247,8 +263,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         highlight=False,
     )
     out.print(
-        f"Attached certificate.json and front.png to trial {cert['trial']}: optuna-dashboard {study.storage} "
-        f"--artifact-dir {export.artifact_dir(study)}",
+        f"Attached certificate.json, front.png and front.html to trial {cert['trial']}: optuna-dashboard "
+        f"{study.storage} --artifact-dir {export.artifact_dir(study)}",
         highlight=False,
     )
 
@@ -285,9 +301,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), help="override certify.device")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("front", help="show a study's Pareto front (table and PNG plot, or JSON)")
+    p = sub.add_parser("front", help="show a study's Pareto front (table, front.png and front.html, or JSON)")
     p.add_argument("study", help="study file (TOML)")
     p.add_argument("--json", action="store_true", help="print the front as JSON")
+    p.add_argument(
+        "--curves",
+        action="store_true",
+        help="also draw certified accuracy against radius into <output_dir>/curves.png: the base model g, the trials "
+        "of --trials and the held-out certificates of their exports",
+    )
+    p.add_argument(
+        "--trials",
+        metavar="N,M,...",
+        help="the trials --curves draws (implies --curves; default: fp32 and front trials spread over size)",
+    )
     p.set_defaults(func=cmd_front)
 
     p = sub.add_parser(

@@ -728,11 +728,11 @@ def export_trial(
     Every check (output directory, study, trial, search cache, checkpoint) runs before anything is written.  Then
     f^p is exported (:func:`export_model`), re-certified on the study's report inputs — ``recheck="irs"``: IRS against
     the report base cache (built by ``pipeline.ensure_cache`` if needed); ``"scratch"``: Cohen's CERTIFY of f^p on
-    noise stream FRESH — and ``certificate.json`` and the front plot are attached to the trial as Optuna artifacts.
+    noise stream FRESH — and ``certificate.json`` and the front plots are attached to the trial as Optuna artifacts.
     """
     import optuna
 
-    from approxtune import pipeline, report
+    from approxtune import pipeline, plots
     from approxtune.cache import CacheError, load_cache
     from approxtune.irs import certify_irs
     from approxtune.models import load_checkpoint
@@ -825,8 +825,8 @@ def export_trial(
             },
             "noise": noise,
             "search": {
-                "acr": attrs.get("acr", chosen.values[0]),
-                "accuracy": attrs.get("accuracy", chosen.values[1]),
+                "acr": chosen.values[0],
+                "accuracy": chosen.values[1],
                 "certified_accuracy": attrs.get("certified_accuracy"),
                 "confidence": attrs.get("confidence"),
                 "inputs": len(search_inputs),
@@ -852,10 +852,10 @@ def export_trial(
         certify=certify,
     )
     result.seconds = time.perf_counter() - started
-    front_png = study.output_dir / "front.png"
-    if not front_png.is_file():
-        report.plot_front(optuna_study, front_png)
-    attach_artifacts(study, chosen, [result.path / CERTIFICATE, front_png])
+    front = [study.output_dir / name for name in plots.FRONT_FILES]
+    if not all(path.is_file() for path in front):
+        plots.write_front(optuna_study, study.output_dir)
+    attach_artifacts(study, chosen, [result.path / CERTIFICATE, *front])
     return result
 
 

@@ -8,8 +8,10 @@ Each trial samples a precision and a pruning amount for every searched layer, bu
 * **accuracy** (maximise): f^p's clean accuracy on the search inputs;
 * **size** (minimise): the bytes of f^p's compressed weights (:func:`approxtune.approximation.model_size_bytes`).
 
-``study.best_trials`` is the Pareto front.  Trials carry their numbers as user attributes, so optuna-dashboard shows
-them; the study records what its trials were certified against and refuses to resume against anything else.
+``study.best_trials`` is the Pareto front.  Trials carry their numbers as user attributes, rounded to what they mean,
+so optuna-dashboard shows them (with a note per trial, :mod:`approxtune.dashboard`); a complete trial keeps its exact
+result and per-input radii in the system attribute :data:`RESULT_ATTR`.  The study records what its trials were
+certified against and refuses to resume against anything else.
 
 **Racing.**  Most candidates of a multi-objective search end up dominated.  A trial's accuracy and size are known
 before any noise sample; its ACR is bounded from above, before sampling and after each fraction ``search.race`` of
@@ -39,21 +41,26 @@ after ``search.grace_period`` seconds another worker marks its trial FAIL and en
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import math
 import os
 import socket
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import numpy as np
 import optuna
 import torch
 from torch import nn
 
+from approxtune import dashboard
 from approxtune.approximation import (
     PRESETS,
     ApproximationConfig,
@@ -89,6 +96,7 @@ __all__ = [
     "masked_url",
     "storage",
     "study_attrs",
+    "trial_radii",
     "worker_id",
 ]
 
@@ -102,19 +110,46 @@ class StudyMismatchError(ApproxtuneError):
 
 
 def clean_accuracy(model: nn.Module, inputs: Inputs, device: torch.device | str = "cpu") -> float:
-    """Accuracy of ``model`` on the unperturbed inputs."""
+    """Accuracy of ``model`` on the unperturbed inputs: the exact count of correct ones over their number (float64)."""
+    correct = 0
     with torch.inference_mode():
-        preds = [model.eval()(inputs.x[i : i + 1024].to(device)).argmax(1).cpu() for i in range(0, len(inputs), 1024)]
-    return float((torch.cat(preds) == inputs.y).float().mean())
+        for i in range(0, len(inputs), 1024):
+            predicted = model.eval()(inputs.x[i : i + 1024].to(device)).argmax(1).cpu()
+            correct += int((predicted == inputs.y[i : i + 1024]).sum())
+    return correct / len(inputs)
 
 
 Values = tuple[float, float, int]
 """A trial's objectives: (ACR, accuracy, size in bytes)."""
 
+RESULT_ATTR = "approxtune:result"
+"""Trial system attribute holding a complete trial's exact result and its per-input radii (:meth:`TrialResult.record`);
+its user attributes are rounded for reading (:meth:`TrialResult.to_attrs`)."""
+
+
+def _rounded(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None or math.isnan(value) else round(value, digits)
+
+
+def _rounded_up(value: float, digits: int = 4) -> float:
+    """``value`` rounded up to ``digits`` decimals (an upper bound stays one); unchanged if already rounded."""
+    shown = round(value, digits)
+    return shown if shown >= value else round(shown + 10**-digits, digits)
+
+
+def encode_radii(radii: np.ndarray) -> str:
+    """The radii as text for a storage attribute: zlib-compressed little-endian float64, base64 (exact, a few KB)."""
+    return base64.b64encode(zlib.compress(np.asarray(radii, dtype="<f8").tobytes(), 9)).decode("ascii")
+
+
+def decode_radii(text: str) -> np.ndarray:
+    """Inverse of :func:`encode_radii`."""
+    return np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype="<f8").astype(np.float64)
+
 
 @dataclass
 class TrialResult:
-    """What one candidate scores; ``to_attrs`` is what a trial records."""
+    """What one candidate scores; :meth:`to_attrs` is what a trial shows, :meth:`record` what it keeps exactly."""
 
     config: ApproximationConfig
     acr: float
@@ -129,6 +164,8 @@ class TrialResult:
     seconds: float
     same_as: int | None = None
     """The earlier trial of the same configuration whose result this is (no sample evaluated), if any."""
+    radii: np.ndarray | None = field(default=None, repr=False, compare=False)
+    """Certified radius of each search input, in cache order (:attr:`approxtune.irs.IRSResult.radius`)."""
 
     @property
     def values(self) -> Values:
@@ -136,18 +173,46 @@ class TrialResult:
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> TrialResult:
-        """The result a complete trial recorded (:meth:`to_attrs`)."""
-        kept = {f.name for f in fields(cls)} - {"config"}
+        """The result in a :meth:`record` (or, for a trial recorded before records, its exact user attributes)."""
+        kept = {f.name for f in fields(cls)} - {"config", "radii"}
         values = {k: v for k, v in attrs.items() if k in kept}
         values["mean_zeta"] = math.nan if values.get("mean_zeta") is None else values["mean_zeta"]
-        return cls(config=ApproximationConfig.from_dict(attrs["config"]), **values)
+        radii = None if attrs.get("radii") is None else decode_radii(attrs["radii"])
+        return cls(config=ApproximationConfig.from_dict(attrs["config"]), radii=radii, **values)
+
+    @classmethod
+    def from_trial(cls, trial: optuna.trial.FrozenTrial) -> TrialResult:
+        """The exact result a complete trial recorded."""
+        record = trial.system_attrs.get(RESULT_ATTR)
+        return cls.from_attrs(trial.user_attrs if record is None else json.loads(record))
+
+    def record(self) -> str:
+        """The exact result and the radii, as JSON text (the trial system attribute :data:`RESULT_ATTR`)."""
+        record = {k: v for k, v in asdict(self).items() if k not in ("config", "radii")}
+        record["config"] = self.config.to_dict()
+        record["mean_zeta"] = None if math.isnan(self.mean_zeta) else self.mean_zeta
+        record["radii"] = None if self.radii is None else encode_radii(self.radii)
+        return json.dumps(record)
 
     def to_attrs(self) -> dict:
-        attrs = {k: v for k, v in asdict(self).items() if k != "config"}
-        attrs["config"] = self.config.to_dict()
-        attrs["summary"] = self.config.summary()
-        attrs["mean_zeta"] = None if math.isnan(self.mean_zeta) else self.mean_zeta
-        return attrs
+        """User attributes, rounded to what they mean: 4 decimals for ACR and fractions, sizes in whole bytes; the
+        configuration as ``config`` (JSON), ``summary`` and one ``layer <name>`` attribute per layer."""
+        return {
+            "acr": _rounded(self.acr),
+            "accuracy": _rounded(self.accuracy),
+            "size_bytes": int(self.size_bytes),
+            "size_ratio": _rounded(self.size_ratio),
+            "certified_accuracy": {r: _rounded(a) for r, a in self.certified_accuracy.items()},
+            "mean_zeta": None if math.isnan(self.mean_zeta) else float(f"{self.mean_zeta:.4g}"),
+            "direct_share": _rounded(self.direct_share),
+            "confidence": _rounded(self.confidence, 6),
+            "samples": int(self.samples),
+            "seconds": _rounded(self.seconds, 2),
+            "same_as": self.same_as,
+            "config": self.config.to_dict(),
+            "summary": self.config.summary(),
+            **dashboard.layer_attrs(self.config),
+        }
 
 
 Race = Callable[[Values], str | None]
@@ -180,11 +245,11 @@ class Stopped(Exception):
         return {
             "stopped": self.reason,
             "race_stage": self.stage,
-            "upper_acr": self.upper[0],
-            "accuracy": self.upper[1],
-            "size_bytes": self.upper[2],
+            "upper_acr": _rounded_up(self.upper[0]),
+            "accuracy": _rounded(self.upper[1]),
+            "size_bytes": int(self.upper[2]),
             "samples": self.samples,
-            "seconds": self.seconds,
+            "seconds": _rounded(self.seconds, 2),
             "summary": self.summary,
             "same_as": self.same_as,
         }
@@ -232,6 +297,7 @@ def evaluate(
         confidence=1.0 - result.alpha,
         samples=result.samples,
         seconds=time.perf_counter() - start,
+        radii=result.radius,
     )
 
 
@@ -262,7 +328,7 @@ def earlier_result(trial: optuna.Trial, config: ApproximationConfig, racing: boo
         upper = (attrs["upper_acr"], attrs["accuracy"], attrs["size_bytes"])
         seconds = time.perf_counter() - start
         raise Stopped(reason, attrs["race_stage"], upper, 0, seconds, attrs["summary"], same_as=twin.number)
-    result = TrialResult.from_attrs(attrs)
+    result = TrialResult.from_trial(twin)
     return replace(result, samples=0, seconds=time.perf_counter() - start, same_as=twin.number)
 
 
@@ -719,6 +785,7 @@ def make_objective(
     limits = study.search.constraints
     fp32_size = fp32_size_bytes(model)
     worker = worker_id()
+    base = {"acr": float(cache.summary()["acr"]), "accuracy": base_accuracy}
 
     def objective(trial: optuna.Trial) -> Values:
         trial.set_user_attr("worker", worker)  # which process runs it (a stale trial's worker died)
@@ -734,25 +801,34 @@ def make_objective(
                 model, config, inputs, cache, study, device, race
             )
         except Stopped as stopped:
-            for key, value in stopped.to_attrs().items():
+            attrs = {**stopped.to_attrs(), "config": config.to_dict(), **dashboard.layer_attrs(config)}
+            for key, value in attrs.items():
                 trial.set_user_attr(key, value)
-            trial.set_user_attr("config", config.to_dict())
+            dashboard.save_trial_note(trial, base)
             if on_result is not None:
                 on_result(trial, stopped)
             raise optuna.TrialPruned(stopped.reason) from None
-        for key, value in result.to_attrs().items():
-            trial.set_user_attr(key, value)
         accuracy_drop = base_accuracy - result.accuracy
+        violation = constraint_violation(study, base_accuracy, fp32_size, result.values)
+        # optuna-dashboard 0.21 does not show Optuna 5's trial constraints: repeat them as user attrs.
+        attrs = {**result.to_attrs(), "accuracy_drop": _rounded(accuracy_drop), "feasible": violation is None}
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        trial.storage.set_trial_system_attr(trial._trial_id, RESULT_ATTR, result.record())
         trial.set_constraint("accuracy_drop", accuracy_drop - limits.max_accuracy_drop)
         trial.set_constraint("size_ratio", result.size_ratio - limits.max_size_ratio)
-        # optuna-dashboard 0.21 does not show Optuna 5's trial constraints: repeat them as user attrs.
-        trial.set_user_attr("accuracy_drop", accuracy_drop)
-        trial.set_user_attr("feasible", constraint_violation(study, base_accuracy, fp32_size, result.values) is None)
+        dashboard.save_trial_note(trial, base, violation)
         if on_result is not None:
             on_result(trial, result)
         return result.values
 
     return objective
+
+
+def trial_radii(trial: optuna.trial.FrozenTrial) -> np.ndarray | None:
+    """The certified radius of each search input a complete trial recorded, or None (a trial stopped by racing, or
+    recorded before approxtune kept radii)."""
+    return TrialResult.from_trial(trial).radii if RESULT_ATTR in trial.system_attrs else None
 
 
 def front(optuna_study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

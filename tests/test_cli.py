@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -61,7 +62,8 @@ def test_front_json_is_the_pareto_front_of_the_trials(tuned, capsys):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         assert main(["front", str(study_file), "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)["front"]
+    document = json.loads(capsys.readouterr().out)
+    rows = document["front"]
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{root / 'runs/tiny/study.db'}")
     values = [t.values for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
 
@@ -73,6 +75,46 @@ def test_front_json_is_the_pareto_front_of_the_trials(tuned, capsys):
 
     assert {r["trial"] for r in rows} == {i for i, t in enumerate(study.trials) if t.values and not dominated(t.values)}
     assert [r["acr"] for r in rows] == sorted((r["acr"] for r in rows), reverse=True)
+    assert all(r["confidence"] == pytest.approx(0.998) for r in rows)
+    assert document["base"]["reference"] == "base model g" and document["base"]["confidence"] == pytest.approx(0.999)
+
+
+def test_front_shows_g_first_and_draws_the_curves(tuned, capsys):
+    root, study_file = tuned
+    out = root / "runs" / "tiny"
+    (out / "front.html").unlink()
+    capsys.readouterr()
+    assert main_in(root, ["front", str(study_file), "--curves"]) == 0
+    stdout = capsys.readouterr().out
+    lines = stdout.splitlines()
+    table = lines[: next(i for i, line in enumerate(lines) if line.startswith("Plot:"))]
+    assert all(len(line) <= 80 for line in table), "the table fits 80 columns (the commands after it do not wrap)"
+    first = next(line for line in lines if line.startswith("│"))
+    assert first.split("│")[1].strip() == "g" and "base model, reference" in first
+    assert "conf." in stdout and "0.998" in stdout and "layers, in order: conv1 conv2 fc1 fc2" in " ".join(lines)
+    assert (out / "front.html").stat().st_size > 1_000_000 and (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"Certified accuracy curves: {Path('runs/tiny/curves.png')}" in stdout
+    assert "--artifact-dir runs/tiny/artifacts" in " ".join(stdout.split())
+
+    assert main_in(root, ["front", str(study_file), "--trials", "0,3", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'study.db'}")
+    assert document["curves"] == str(Path("runs/tiny/curves.png"))
+    assert document["base"]["acr"] == study.user_attrs["base_acr"] and document["base"]["size_ratio"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("trials", "message"),
+    [("0,x", "--trials takes trial numbers separated by commas"), ("0,999", "study 'tiny' has no trial 999")],
+)
+def test_front_curves_refuse_bad_trials_before_writing(tuned, capsys, trials, message):
+    root, study_file = tuned
+    curves = root / "runs" / "tiny" / "curves.png"
+    curves.unlink(missing_ok=True)
+    capsys.readouterr()
+    assert main_in(root, ["front", str(study_file), "--trials", trials]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not curves.exists()
 
 
 def test_resume_adds_only_the_missing_trials_and_refuses_other_settings(tuned, capsys):
@@ -115,6 +157,11 @@ def test_dashboard_serves_the_study(tuned):
     assert detail["objective_names"] == ["ACR", "accuracy", "size_bytes"]
     assert all({"feasible", "accuracy_drop"} <= a for a in attrs), "constraints are visible as user attrs"
     assert all({"size_ratio", "mean_zeta", "config"} <= a for a in attrs)
+    assert all({"layer conv1", "layer conv2", "layer fc1", "layer fc2"} <= a for a in attrs), "one per layer"
+    for trial in detail["trials"]:  # every finished trial has its note: a per-layer table and its certificate
+        body = trial["note"]["body"]
+        assert body.startswith(f"### Trial {trial['number']}") and "| `conv1` |" in body and "| `fc2` |" in body
+        assert "each radius holds with probability ≥ 0.998" in body or "stopped by racing" in body
 
 
 @pytest.mark.parametrize(

@@ -141,9 +141,9 @@ def test_export_by_trial_writes_compressed_weights_a_deployable_and_a_held_out_c
     assert cert["search"]["trials_compared"] == 9 and "winner's curse" in cert["explanation"]
     assert (root / s.cache_path("report") / "meta.json").is_file()
 
-    # The certificate and the front plot are Optuna artifacts of the trial.
+    # The certificate and the front plots are Optuna artifacts of the trial.
     metas = _trial_artifacts(root, int8.number)
-    assert sorted(m.filename for m in metas) == ["certificate.json", "front.png"]
+    assert sorted(m.filename for m in metas) == ["certificate.json", "front.html", "front.png"]
     store = FileSystemArtifactStore(root / "runs/export-tiny/artifacts")
     meta = next(m for m in metas if m.filename == "certificate.json")
     download_artifact(artifact_store=store, artifact_id=meta.artifact_id, file_path=str(root / "downloaded.json"))
@@ -167,9 +167,11 @@ def test_dashboard_lists_the_artifacts_of_the_exported_trial(tuned, monkeypatch)
     trials = json.loads(get(f"/api/studies/{study_id}", "after=0"))["trials"]
     trial = next(t for t in trials if t["number"] == number)
     files = {a["filename"]: a["artifact_id"] for a in trial["artifacts"]}
-    assert set(files) == {"certificate.json", "front.png"}
+    assert set(files) == {"certificate.json", "front.html", "front.png"}
     served = get(f"/artifacts/{study_id}/{trial['trial_id']}/{files['certificate.json']}")
     assert served == (root / "exports/bf16/certificate.json").read_bytes()
+    served = get(f"/artifacts/{study_id}/{trial['trial_id']}/{files['front.html']}")
+    assert served == (root / "runs/export-tiny/front.html").read_bytes()
 
 
 def test_export_by_rule_picks_the_smallest_front_model_that_satisfies_it(tuned, monkeypatch, capsys):
@@ -224,7 +226,7 @@ def test_force_replaces_an_export_and_only_an_export(tuned, monkeypatch, capsys)
     number = next(t.number for t in _study(root).trials if t.user_attrs.get("baseline") == "fp32")
     out = root / "exports" / "forced"
     assert _run(root, monkeypatch, "--trial", number, "--out", out) == 0
-    assert sorted(m.filename for m in _trial_artifacts(root, number)) == ["certificate.json", "front.png"]
+    assert sorted(m.filename for m in _trial_artifacts(root, number)) == ["certificate.json", "front.html", "front.png"]
     (out / "stale.txt").write_text("from an earlier export")
     capsys.readouterr()
     assert _run(root, monkeypatch, "--trial", number, "--out", out) == 2
@@ -235,9 +237,12 @@ def test_force_replaces_an_export_and_only_an_export(tuned, monkeypatch, capsys)
     assert {p.name for p in out.iterdir()} == EXPORT_FILES
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
     assert (out / "certificate.json").read_bytes() == certificate, "the same export gives the same certificate"
-    assert len(_trial_artifacts(root, number)) == 2, "an identical re-export attaches nothing new"
+    assert len(_trial_artifacts(root, number)) == 3, "an identical re-export attaches nothing new"
     assert _run(root, monkeypatch, "--trial", number, "--out", out, "--force", "--recheck", "scratch") == 0
-    assert sorted(m.filename for m in _trial_artifacts(root, number)) == ["certificate.json"] * 2 + ["front.png"]
+    assert sorted(m.filename for m in _trial_artifacts(root, number)) == ["certificate.json"] * 2 + [
+        "front.html",
+        "front.png",
+    ]
 
 
 def _bad_cases(root, fail_number):

@@ -2,14 +2,14 @@
 
 import dataclasses
 
+import numpy as np
 import optuna
 import pytest
 import torch
-from _studies import tiny_study
+from _studies import prepared, tiny_study
 
-from approxtune import pipeline, search
+from approxtune import search, statistics
 from approxtune.approximation import apply_approximation
-from approxtune.config import load_study
 from approxtune.irs import IRSRun
 
 TRIALS = 14
@@ -18,16 +18,9 @@ TRIALS = 14
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny digits study whose IRS mode takes the zeta branch everywhere (gamma = 1), so racing bounds are tight."""
-    root = tmp_path_factory.mktemp("search")
-    path = root / "race.toml"
-    path.write_text(tiny_study("race", seed=3).replace("[irs]\n", "[irs]\nmode = 'gamma'\ngamma = 1.0\n"))
+    text = tiny_study("race", seed=3).replace("[irs]\n", "[irs]\nmode = 'gamma'\ngamma = 1.0\n")
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        study = load_study(path)
-        model = pipeline.ensure_model(study)
-        inputs = pipeline.load_inputs(study, "search")
-        cache, base_accuracy = pipeline.ensure_cache(study, model, inputs, "search", device=torch.device("cpu"))
-    return study, model, inputs, cache, base_accuracy
+        return prepared(tmp_path_factory.mktemp("search"), text, mp)
 
 
 def _with(study, race=None, **constraints):
@@ -91,7 +84,7 @@ def test_racing_stops_only_dominated_trials_and_keeps_every_certificate_and_the_
         attrs = after.user_attrs
         # The bound held: the full run would have reached at most the upper ACR it was stopped with...
         assert attrs["upper_acr"] >= before.values[0]
-        assert (attrs["accuracy"], attrs["size_bytes"]) == (before.values[1], before.values[2])
+        assert (attrs["accuracy"], attrs["size_bytes"]) == (before.user_attrs["accuracy"], before.values[2])
         assert attrs["samples"] < before.user_attrs["samples"]
         # ...and the trial named as its dominator, complete before it, dominates its full values too.
         rival = raced.trials[int(attrs["stopped"].removeprefix("dominated by trial "))]
@@ -173,3 +166,66 @@ def test_a_repeat_of_a_stopped_trial_stops_at_once(setup):
     stopped, full = same_study.trials
     assert stopped.state == optuna.trial.TrialState.PRUNED and full.state == optuna.trial.TrialState.COMPLETE
     assert full.user_attrs["same_as"] is None and full.user_attrs["samples"] > 0
+
+
+def test_clean_accuracy_is_the_exact_count_over_the_total():
+    """Two of three correct is 2/3 in float64, not float32's 0.6666666865348816."""
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x[:, 0, 0, 0].long(), 3).float()
+
+    x = torch.tensor([0.0, 1.0, 2.0]).reshape(3, 1, 1, 1)
+    inputs = search.Inputs(x=x, y=torch.tensor([0, 1, 0]), index=np.arange(3))
+    accuracy = search.clean_accuracy(Fixed(), inputs)
+    assert type(accuracy) is float and accuracy == 2 / 3
+
+
+def test_a_complete_trial_records_its_exact_result_and_radii_and_shows_rounded_attributes(setup):
+    study, model, inputs, cache, _ = setup
+    trial = _run(setup, _with(study, race=[]), params=[_uniform("int4")], n_trials=1).trials[0]
+    result = search.TrialResult.from_trial(trial)
+    assert result.values == tuple(trial.values) and result.same_as is None
+    config = search.ApproximationConfig.from_dict(trial.user_attrs["config"])
+    exact = search.evaluate(model, config, inputs, cache, study)
+    assert np.array_equal(result.radii, exact.radii) and np.array_equal(search.trial_radii(trial), exact.radii)
+    assert len(result.radii) == len(cache) and statistics.acr(result.radii) == trial.values[0]
+    assert (result.size_ratio, result.certified_accuracy) == (exact.size_ratio, exact.certified_accuracy)
+    attrs = trial.user_attrs
+    assert attrs["accuracy"] == round(trial.values[1], 4) and attrs["acr"] == round(trial.values[0], 4)
+    assert type(attrs["size_bytes"]) is int and attrs["size_bytes"] == trial.values[2]
+    assert attrs["size_ratio"] == round(exact.size_ratio, 4)
+    assert all(v == round(v, 4) for v in attrs["certified_accuracy"].values())
+    assert {k: v for k, v in attrs.items() if k.startswith("layer ")} == {
+        f"layer {name}": "int4" for name in ("conv1", "conv2", "fc1", "fc2")
+    }
+
+
+def test_a_repeat_records_the_earlier_trials_exact_result_and_radii(setup):
+    study = _with(setup[0], race=[])
+    pruned = {**_uniform("int8"), "fc1.prune": 0.3}
+    first, again = _run(setup, study, params=[pruned, pruned], n_trials=2).trials
+    a, b = search.TrialResult.from_trial(first), search.TrialResult.from_trial(again)
+    assert b.same_as == first.number and b.samples == 0
+    assert dataclasses.replace(b, samples=a.samples, seconds=a.seconds, same_as=None) == a
+    assert np.array_equal(a.radii, b.radii)
+    assert first.user_attrs["layer fc1"] == again.user_attrs["layer fc1"] == "int8, 30% pruned"
+
+
+def test_a_stopped_trial_shows_its_upper_acr_rounded_up():
+    stopped = search.Stopped("dominated by trial 1", 0.25, (0.123401, 0.9333333, 1000), 10, 0.123, "summary")
+    attrs = stopped.to_attrs()
+    assert (attrs["upper_acr"], attrs["accuracy"], attrs["size_bytes"], attrs["seconds"]) == (
+        0.1235,
+        0.9333,
+        1000,
+        0.12,
+    )
+
+
+def test_an_upper_bound_is_rounded_up_and_rounding_again_changes_nothing():
+    rng = np.random.default_rng(0)
+    for value in [*rng.uniform(0, 2, 1000), 0.1234, 0.12341, 0.99999, 0.0]:
+        shown = search._rounded_up(float(value))
+        assert shown >= value and shown - value < 1e-4 + 1e-12 and shown == round(shown, 4)
+        assert search._rounded_up(shown) == shown
