@@ -34,6 +34,7 @@ __all__ = [
     "ensure_cache",
     "ensure_model",
     "load_inputs",
+    "report_cache_hint",
     "resolve_device",
     "split_indices",
 ]
@@ -225,3 +226,13 @@ def ensure_cache(
         model, inputs, path, settings, batch_size=study.certify.batch_size, device=device, progress=progress
     )
     return cache, True
+
+
+def report_cache_hint(study: Study) -> str:
+    """How to build the report inputs' base cache ahead of time (``export`` certifies against it, building it if
+    missing)."""
+    c = study.certify
+    return (
+        f"build the held-out report cache ahead of time with `approxtune certify {study.path} --split report` "
+        f"({study.data.report_inputs} inputs x {c.n0 + c.n:,} samples of g; `export` builds it otherwise)"
+    )

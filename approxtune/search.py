@@ -100,10 +100,14 @@ class StudyMismatchError(ValueError):
     """An existing Optuna study that was run against another cache or other IRS settings."""
 
 
-def clean_accuracy(model: nn.Module, inputs: Inputs, device: torch.device | str = "cpu") -> float:
-    """Accuracy of ``model`` on the unperturbed inputs."""
+def clean_accuracy(
+    model: nn.Module | Callable[[torch.Tensor], torch.Tensor], inputs: Inputs, device: torch.device | str = "cpu"
+) -> float:
+    """Accuracy of ``model`` (a module, put in eval mode, or any function from a batch to logits) on the inputs."""
+    if isinstance(model, nn.Module):
+        model.eval()
     with torch.inference_mode():
-        preds = [model.eval()(inputs.x[i : i + 1024].to(device)).argmax(1).cpu() for i in range(0, len(inputs), 1024)]
+        preds = [model(inputs.x[i : i + 1024].to(device)).argmax(1).cpu() for i in range(0, len(inputs), 1024)]
     return float((torch.cat(preds) == inputs.y).float().mean())
 
 
