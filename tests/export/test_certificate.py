@@ -15,8 +15,9 @@ from _exports import run_export, study_of
 from approxtune import pipeline
 from approxtune.cache import load_cache
 from approxtune.certification import predict_under_noise
+from approxtune.cli import main
 from approxtune.config import load_study
-from approxtune.export import ExportError
+from approxtune.export import ExportError, runtimes
 from approxtune.export.certificate import Recheck, count_certifications
 from approxtune.irs import certify_irs
 from approxtune.noise import Stream, input_seeds
@@ -144,3 +145,45 @@ def test_concurrent_exports_each_count_the_others(tmp_path):
     with multiprocessing.get_context("fork").Pool(4) as pool:
         seen = pool.map(_record_many, [(tmp_path, w) for w in range(4)])
     assert sorted(x for counts in seen for x in counts) == list(range(1, 21)), "no entry is lost, no count repeated"
+
+
+def test_the_certificate_is_the_runtimes_own_function_and_verify_sees_another_one(tuned, monkeypatch, capsys):
+    """A runtime whose function differs from torch's f^p (here ONNX Runtime's logits pushed towards class 0) gets the
+    certificate of its own function, not torch's; verify reproduces it under that runtime and reports, exit 1, what
+    differs under the real one."""
+    real = runtimes._LOADERS["onnxruntime"]
+
+    def biased(path, device):
+        deployable = real(path, device)
+        run = deployable.run
+
+        def shifted(x):
+            logits = run(x)
+            if len(x) > 2:  # (export's own check of the file runs it on two clean inputs; leave those alone)
+                logits[:, 0] += 0.5 * logits.abs().max(dim=1).values  # another function: class 0 wins more often
+            return logits
+
+        deployable.run = shifted
+        return deployable
+
+    root = tuned
+    fp32 = next(t for t in study_of(root).trials if t.user_attrs.get("baseline") == "fp32")
+    out = root / "certificate" / "biased"
+    monkeypatch.setitem(runtimes._LOADERS, "onnxruntime", biased)
+    assert run_export(root, monkeypatch, "--trial", fp32.number, "--out", out) == 0
+    cert = json.loads((out / "certificate.json").read_text())
+    onnx, pt2 = cert["certificates"]
+    assert onnx["per_input"] != pt2["per_input"] and onnx["acr"] != pt2["acr"]
+    study = load_study(root / "tiny.toml")
+    inputs = pipeline.load_inputs(study, "report")
+    cache = load_cache(root / study.cache_path("report"))
+    function = biased(out / "model.onnx", "cpu")
+    result = certify_irs(function, inputs.x, cache, study.irs_settings, batch_size=study.certify.batch_size)
+    assert [p["radius"] for p in onnx["per_input"]] == result.radius.tolist(), "the runtime's own function"
+    assert main(["verify", str(out)]) == 0
+    monkeypatch.setitem(runtimes._LOADERS, "onnxruntime", real)
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 1
+    said = " ".join(capsys.readouterr().out.split())
+    assert "model.onnx in onnxruntime" in said and "NOT reproduced" in said and "inputs differ" in said
+    assert "model.pt2 in torch" in said.split("NOT reproduced")[1] and said.endswith("reproduced")
