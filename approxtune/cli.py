@@ -74,20 +74,7 @@ def _train(study: Study) -> torch.nn.Module:
 
 def _cache(study: Study, model: torch.nn.Module, split: str, device: torch.device) -> tuple[BaseCache, float]:
     inputs = pipeline.load_inputs(study, split)
-    c = study.certify
-    with progress_bar(f"certify g on {len(inputs)} {split} inputs", len(inputs) * (c.n0 + c.n)) as advance:
-        cache, built = pipeline.ensure_cache(
-            study,
-            model,
-            inputs,
-            split,
-            device=device,
-            progress=advance,
-            on_rebuild=lambda why: console.print(f"[yellow]Rebuilding {study.cache_path(split)}[/]: {why}"),
-            on_adopt=console.print,
-        )
-    verb = "Wrote" if built else "Reusing"
-    console.print(f"{verb} the base cache {study.cache_path(split)}")
+    cache = pipeline.certify_split(study, model, inputs, split, device=device, progress=progress_bar, say=console.print)
     return cache, clean_accuracy(model, inputs, device)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from approxtune.training import train_model
 __all__ = [
     "TRAINABLE",
     "adopt_legacy_cache",
+    "certify_split",
     "ensure_cache",
     "ensure_model",
     "load_inputs",
@@ -226,6 +228,34 @@ def ensure_cache(
         model, inputs, path, settings, batch_size=study.certify.batch_size, device=device, progress=progress
     )
     return cache, True
+
+
+def certify_split(
+    study: Study,
+    model: nn.Module,
+    inputs: Inputs,
+    split: str,
+    *,
+    device: torch.device,
+    progress: Callable[[str, int], AbstractContextManager[Callable[[int], None]]],
+    say: Callable[[str], None],
+) -> BaseCache:
+    """:func:`ensure_cache` of ``split`` under a ``progress(description, total)`` bar, telling ``say`` what it did."""
+    c = study.certify
+    path = study.cache_path(split)
+    with progress(f"certify g on {len(inputs)} {split} inputs", len(inputs) * (c.n0 + c.n)) as advance:
+        cache, built = ensure_cache(
+            study,
+            model,
+            inputs,
+            split,
+            device=device,
+            progress=advance,
+            on_rebuild=lambda why: say(f"Rebuilding {path}: {why}"),
+            on_adopt=say,
+        )
+    say(f"{'Wrote' if built else 'Reusing'} the base cache {path}")
+    return cache
 
 
 def report_cache_hint(study: Study) -> str:

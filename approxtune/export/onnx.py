@@ -17,8 +17,9 @@ fp32                the FLOAT initializer (pruned weights: zeros included)
 pruned, sparse      where :func:`~approxtune.approximation.compress_layer` chose the sparse encoding (mask bits plus the
                     kept values is strictly smaller than dense): the ``np.packbits`` mask as UINT8 and only the kept
                     values as above; ``BitShift``/``BitwiseAnd`` unpack the mask, ``CumSum`` numbers the kept
-                    positions, ``Gather`` + ``Where`` scatter the values back (zeros elsewhere), and int8/int4 layers
-                    multiply by their scales (``DequantizeLinear`` with scale 1 gives the codes as floats)
+                    positions, ``Gather`` + ``Where`` scatter the values back (zeros elsewhere) -- int4 codes cast to
+                    INT8 first, then the dense codes go through ``DequantizeLinear`` like a dense layer's; a layer
+                    with nothing kept is ``ConstantOfShape`` zeros
 ==================  =================================================================================================
 
 Every decode is exact: an integer code times its fp32 scale, or a 16-bit float widened to fp32, which is what
@@ -30,9 +31,11 @@ So ``model.onnx`` is ``size_bytes`` (the payload) plus the graph: a fixed part, 
 float32 zero bias per bias-free convolution, which the exporter adds (``benchmarks/deploy_results.md`` measures it).
 Node metadata (the exporter's stack traces, with local paths) is stripped.
 
-ONNX Runtime decodes the weights at every run: its constant folding leaves ``DequantizeLinear`` alone by default
-(for its quantization transforms), so the loaded session stays small too.  Its kernels round differently from
-torch's, so f^p in ONNX Runtime is a function of its own: certify it there (:mod:`approxtune.export.certificate`).
+ONNX Runtime folds every decode whose inputs are all initializers when it loads the session (the mask unpacking and
+the scatter of sparse layers, every ``Cast``), but by default leaves ``DequantizeLinear`` for its quantization
+transforms, so int8/int4 weights are scaled at every run and stay one byte (or half) per weight in memory.  Its
+kernels round differently from torch's, so f^p in ONNX Runtime is a function of its own: certify it there
+(:mod:`approxtune.export.certificate`).
 """
 
 from __future__ import annotations
@@ -66,10 +69,11 @@ _STORED_TYPE = {
     "int8": TensorProto.INT8,
     "int4": TensorProto.INT4,
 }
+_FLOAT = TensorProto.FLOAT
 _SHARED = {
     "approxtune/bit_shifts": np.arange(7, -1, -1, dtype=np.uint8),  # np.packbits puts the first element high
     "approxtune/one_u8": np.array(1, dtype=np.uint8),
-    "approxtune/one_f32": np.array(1.0, dtype=np.float32),
+    "approxtune/zero_i8": np.array(0, dtype=np.int8),
     "approxtune/zero_f32": np.array(0.0, dtype=np.float32),
     "approxtune/one_i64": np.array([1], dtype=np.int64),
     "approxtune/zero_i64": np.array([0], dtype=np.int64),
@@ -77,7 +81,7 @@ _SHARED = {
     "approxtune/axis0": np.array(0, dtype=np.int64),
 }
 """Constants the decoding nodes share (each written once)."""
-_SHIFTS, _ONE_U8, _ONE_F, _ZERO_F, _ONE_I64, _ZERO_I64, _MINUS_ONE, _AXIS0 = _SHARED
+_SHIFTS, _ONE_U8, _ZERO_I8, _ZERO_F, _ONE_I64, _ZERO_I64, _MINUS_ONE, _AXIS0 = _SHARED
 
 
 def _tensor(name: str, array: np.ndarray, dims: tuple[int, ...] | None = None, dtype: int | None = None) -> Any:
@@ -114,38 +118,34 @@ class _Decoder:
         self.nodes.append(helper.make_node(op, inputs, [output], **attrs))
         return output
 
-    def to_float(self, stored: str, precision: str) -> str:
-        """Float32 values of a stored initializer: codes as floats (int), widened (fp16/bf16) or as they are."""
-        if precision in ("int8", "int4"):
-            return self.node("DequantizeLinear", [stored, self.shared_const(_ONE_F)])
-        if precision in ("fp16", "bf16"):
-            return self.node("Cast", [stored], to=TensorProto.FLOAT)
-        return stored
-
     def layer(self, key: str, arrays: Packed, shape: tuple[int, ...]) -> None:
         """Initializers and nodes whose output ``key`` is the layer's float32 weight, bit for bit f^p's."""
         precision = packed_precision(arrays)
-        dtype = _STORED_TYPE[precision]
-        n, rows = math.prod(shape), shape[0]
+        n = math.prod(shape)
         values = np.asarray(arrays["values"]).reshape(-1)
         scaled = precision in ("int8", "int4")
-        if "mask" not in arrays:  # dense
-            if precision == "fp32":
-                self.const(key, values.reshape(shape))
-            elif scaled:
-                q = self.const(f"{key}/codes", values, shape, dtype)
-                s = self.const(f"{key}/scale", arrays["scale"])
-                self.node("DequantizeLinear", [q, s], key, axis=0)
-            else:
-                self.node("Cast", [self.const(f"{key}/values", values, shape, dtype)], key, to=TensorProto.FLOAT)
-            return
-        kept = int(np.unpackbits(np.asarray(arrays["mask"]), count=n).sum())
-        if kept == 0:  # everything pruned: zeros (times any scale)
+        if "mask" in arrays and not np.unpackbits(np.asarray(arrays["mask"]), count=n).any():  # everything pruned
             dims = self.const(f"{key}/shape", np.array(shape, dtype=np.int64))
             self.node("ConstantOfShape", [dims], key, value=_tensor("zero", np.zeros(1, np.float32)))
             return
-        mask = self.const(f"{key}/mask", arrays["mask"])
-        bits = self.node("Unsqueeze", [mask, self.shared_const(_ONE_I64)])  # (bytes, 1)
+        if precision == "fp32" and "mask" not in arrays:
+            self.const(key, values.reshape(shape))
+            return
+        decoded = f"{key}/codes" if scaled else key  # codes still to be scaled, or the weight itself
+        if "mask" in arrays:
+            self.scatter(key, arrays, precision, n, shape, decoded)
+        elif scaled:
+            self.const(decoded, values, shape, _STORED_TYPE[precision])
+        else:
+            self.node("Cast", [self.const(f"{key}/values", values, shape, _STORED_TYPE[precision])], key, to=_FLOAT)
+        if scaled:
+            self.node("DequantizeLinear", [decoded, self.const(f"{key}/scale", arrays["scale"])], key, axis=0)
+
+    def scatter(self, key: str, arrays: Packed, precision: str, n: int, shape: tuple[int, ...], output: str) -> None:
+        """The dense tensor ``output`` (int8 codes, or float32 values) of a sparse layer: kept values at the kept
+        positions, zeros elsewhere.  Every input is an initializer, so ONNX Runtime folds it all when it loads."""
+        kept = int(np.unpackbits(np.asarray(arrays["mask"]), count=n).sum())
+        bits = self.node("Unsqueeze", [self.const(f"{key}/mask", arrays["mask"]), self.shared_const(_ONE_I64)])
         bits = self.node("BitShift", [bits, self.shared_const(_SHIFTS)], direction="RIGHT")  # (bytes, 8)
         bits = self.node("BitwiseAnd", [bits, self.shared_const(_ONE_U8)])
         bits = self.node("Reshape", [bits, self.shared_const(_MINUS_ONE)])
@@ -154,16 +154,15 @@ class _Decoder:
         position = self.node("Cast", [bits], to=TensorProto.INT64)
         position = self.node("CumSum", [position, self.shared_const(_AXIS0)])
         position = self.node("Sub", [position, self.shared_const(_ONE_I64)])  # -1 before the first kept value
-        stored = self.const(f"{key}/values", values, (kept,), dtype)
-        gathered = self.node("Gather", [self.to_float(stored, precision), position], axis=0)
-        dense = self.node("Where", [keep, gathered, self.shared_const(_ZERO_F)])
-        target = self.const(f"{key}/shape", np.array(shape, dtype=np.int64))
-        if not scaled:
-            self.node("Reshape", [dense, target], key)
-            return
-        dense = self.node("Reshape", [dense, target])
-        scale = self.const(f"{key}/scale", arrays["scale"], (rows,) + (1,) * (len(shape) - 1), TensorProto.FLOAT)
-        self.node("Mul", [dense, scale], key)
+        values = self.const(f"{key}/values", arrays["values"], (kept,), _STORED_TYPE[precision])
+        if precision in ("int8", "int4"):
+            values, zero = self.node("Cast", [values], to=TensorProto.INT8), self.shared_const(_ZERO_I8)
+        else:
+            values = values if precision == "fp32" else self.node("Cast", [values], to=_FLOAT)
+            zero = self.shared_const(_ZERO_F)
+        gathered = self.node("Gather", [values, position], axis=0)
+        dense = self.node("Where", [keep, gathered, zero])
+        self.node("Reshape", [dense, self.const(f"{key}/shape", np.array(shape, dtype=np.int64))], output)
 
 
 def _trace(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:

@@ -29,7 +29,7 @@ from approxtune.export.format import ExportError, summary
 from approxtune.export.onnx import INPUT, ONNX_FILE
 from approxtune.export.program import PROGRAM_FILE
 
-__all__ = ["RUNTIMES", "Deployable", "Runtime", "load_deployable", "select_runtimes"]
+__all__ = ["RUNTIMES", "Deployable", "Runtime", "cpu_model", "load_deployable", "select_runtimes"]
 
 ALL = "all"
 
@@ -105,19 +105,20 @@ class Deployable:
             "runtime": self.runtime.name,
             "runtime_version": self.runtime.version(),
             "settings": self.settings,
-            "machine": {"system": platform.system(), "machine": platform.machine(), "processor": _processor()},
+            "machine": {"system": platform.system(), "machine": platform.machine(), "processor": cpu_model()},
         }
 
 
-def _processor() -> str:
-    """The CPU's model name (kernels are chosen per CPU, so rounding can differ between CPUs)."""
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what ``platform.processor()`` says, else "unknown" (kernels are
+    chosen per CPU, so rounding can differ between CPUs)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor()
+    return platform.processor() or "unknown"
 
 
 def _onnxruntime(path: Path, device: torch.device) -> Deployable:

@@ -280,7 +280,9 @@ def export_trial(
             say(f"To skip this next time, {pipeline.report_cache_hint(study)}.")
         cache, noise = None, {"run_seed": pipeline.noise_seed(study, "report"), "streams": ["FRESH"]}
         if plan.irs is not None:
-            cache = _report_cache(study, base.to(device), report_inputs, device, progress, say)
+            cache = pipeline.certify_split(
+                study, base.to(device), report_inputs, "report", device=device, progress=progress, say=say
+            )
             noise = {
                 "run_seed": cache.meta.seed,
                 "streams": ["SELECTION", "ESTIMATION"],
@@ -385,21 +387,3 @@ def export_trial(
         },
     )
     return result
-
-
-def _report_cache(study: Any, base: Any, inputs: Any, device: torch.device, progress: Progress, say: Any) -> Any:
-    """The base cache of the report inputs (built by ``pipeline.ensure_cache`` if missing or stale)."""
-    c = study.certify
-    with progress(f"certify g on {len(inputs)} report inputs", len(inputs) * (c.n0 + c.n)) as advance:
-        cache, built = pipeline.ensure_cache(
-            study,
-            base,
-            inputs,
-            "report",
-            device=device,
-            progress=advance,
-            on_rebuild=lambda why: say(f"Rebuilding {study.cache_path('report')}: {why}"),
-            on_adopt=say,
-        )
-    say(f"{'Wrote' if built else 'Reusing'} the base cache {study.cache_path('report')}")
-    return cache
