@@ -20,8 +20,8 @@ everything either needs, and is recorded in ``certificate.json`` so that ``appro
 Several exports on one report set.  A user who exports several models and keeps the one with the best held-out
 numbers selects again, on the report set: its numbers are then the best of k.  Each certificate therefore records how
 many distinct models (and methods) the report set has certified so far (:func:`count_certifications`, kept in
-``<output_dir>/report_certifications.json``); by the union bound, all k certificates hold together with probability
-at least ``1 - k * alpha_total``, which is what the chosen one can claim.
+``<output_dir>/report_certifications.json``); by the union bound, an input's radii under all k models hold together
+with probability at least ``1 - k * alpha_total``, which is what the chosen model's radii can claim.
 """
 
 from __future__ import annotations

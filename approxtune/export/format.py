@@ -52,10 +52,13 @@ __all__ = [
     "encode_payload",
     "file_record",
     "load_model",
+    "read_config",
     "read_export",
     "read_json",
     "rebuild_architecture",
+    "sha256_bytes",
     "summary",
+    "weight_key",
     "write_json",
 ]
 

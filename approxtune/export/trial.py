@@ -52,7 +52,7 @@ WHY_THEY_DIFFER = (
 )
 SELECTION_NOTE = (
     "The report set has certified {k} distinct model(s) so far. Choosing among them by their held-out numbers selects "
-    "again: the chosen one's certificate then holds with probability >= 1 - {k} x {alpha:.4g} (union bound)."
+    "again: the chosen one's radii then hold with probability >= 1 - {k} x {alpha:.4g} each (union bound)."
 )
 
 
@@ -162,8 +162,8 @@ def _duration(seconds: float) -> str:
     if seconds < 1:
         return "under a second"
     if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+        return f"about {seconds:.0f} s"
+    return f"about {seconds / 60:.0f} min" if seconds < 7200 else f"about {seconds / 3600:.1f} h"
 
 
 def _announce(
@@ -177,7 +177,7 @@ def _announce(
         samples = count * (c.n0 + c.n)
         rate = measure_rate(base, inputs.x, batch, device)
         steps.append(
-            f"certify g on the {count} report inputs first ({samples:,} samples, about {_duration(samples / rate)} "
+            f"certify g on the {count} report inputs first ({samples:,} samples, {_duration(samples / rate)} "
             f"at the {rate:,.0f} samples/s of a short run)"
         )
     each = count * plan.irs.n_p if plan.irs is not None else count * (plan.n0 + plan.n)
@@ -185,7 +185,7 @@ def _announce(
         rate = measure_rate(deployable, inputs.x, batch, "cpu")
         steps.append(
             f"{deployable.runtime.artifact} in {deployable.runtime.name}: {'up to ' if plan.irs else ''}{each:,} "
-            f"samples, about {_duration(each / rate)}"
+            f"samples, {_duration(each / rate)}"
         )
     return f"Held-out certificate on {count} report inputs: " + "; then ".join(steps) + "."
 
