@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +32,11 @@ from approxtune.training import train_model
 __all__ = [
     "TRAINABLE",
     "adopt_legacy_cache",
+    "certify_split",
     "ensure_cache",
     "ensure_model",
     "load_inputs",
+    "report_cache_hint",
     "resolve_device",
     "split_indices",
 ]
@@ -225,3 +228,41 @@ def ensure_cache(
         model, inputs, path, settings, batch_size=study.certify.batch_size, device=device, progress=progress
     )
     return cache, True
+
+
+def certify_split(
+    study: Study,
+    model: nn.Module,
+    inputs: Inputs,
+    split: str,
+    *,
+    device: torch.device,
+    progress: Callable[[str, int], AbstractContextManager[Callable[[int], None]]],
+    say: Callable[[str], None],
+) -> BaseCache:
+    """:func:`ensure_cache` of ``split`` under a ``progress(description, total)`` bar, telling ``say`` what it did."""
+    c = study.certify
+    path = study.cache_path(split)
+    with progress(f"certify g on {len(inputs)} {split} inputs", len(inputs) * (c.n0 + c.n)) as advance:
+        cache, built = ensure_cache(
+            study,
+            model,
+            inputs,
+            split,
+            device=device,
+            progress=advance,
+            on_rebuild=lambda why: say(f"Rebuilding {path}: {why}"),
+            on_adopt=say,
+        )
+    say(f"{'Wrote' if built else 'Reusing'} the base cache {path}")
+    return cache
+
+
+def report_cache_hint(study: Study) -> str:
+    """How to build the report inputs' base cache ahead of time (``export`` certifies against it, building it if
+    missing)."""
+    c = study.certify
+    return (
+        f"build the held-out report cache ahead of time with `approxtune certify {study.path} --split report` "
+        f"({study.data.report_inputs} inputs x {c.n0 + c.n:,} samples of g; `export` builds it otherwise)"
+    )
