@@ -8,6 +8,7 @@ The Python API (imported on first use, so ``import approxtune.<module>`` stays l
     approxtune.load_study("studies/digits.toml") # a study file's settings, to pass as study=...
     approxtune.Study.from_dict({...})            # settings as nested tables
     approxtune.load_model("exported/")           # an exported model, rebuilt
+    approxtune.verify("exported/", study=...)    # its certificates recomputed on this machine
     approxtune.ApproxtuneError                   # every bad-input error
 """
 
@@ -20,9 +21,19 @@ if TYPE_CHECKING:
     from approxtune.api import Certification, TuneResult, certify, tune
     from approxtune.config import Study, load_study
     from approxtune.errors import ApproxtuneError
-    from approxtune.export import load_model
+    from approxtune.export import load_model, verify
 
-__all__ = ["ApproxtuneError", "Certification", "Study", "TuneResult", "certify", "load_model", "load_study", "tune"]
+__all__ = [
+    "ApproxtuneError",
+    "Certification",
+    "Study",
+    "TuneResult",
+    "certify",
+    "load_model",
+    "load_study",
+    "tune",
+    "verify",
+]
 
 _WHERE = {
     "ApproxtuneError": "approxtune.errors",
@@ -33,6 +44,7 @@ _WHERE = {
     "load_model": "approxtune.export",
     "load_study": "approxtune.config",
     "tune": "approxtune.api",
+    "verify": "approxtune.export",
 }
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from approxtune import pipeline, report, search
 from approxtune.cache import BaseCache, CacheError, load_cache
 from approxtune.config import Study
+from approxtune.export import ExportResult, export_trial
 from approxtune.job import Job, prepare
 from approxtune.progress import Reporter
 
@@ -75,6 +76,33 @@ class TuneResult:
         confidence, and the trial's other certificate numbers."""
         return report.front_rows(self.study)
 
+    def export(
+        self,
+        trial: int | None = None,
+        out: str | Path = "exported",
+        *,
+        min_acr: float | None = None,
+        max_accuracy_drop: float | None = None,
+        recheck: str = "irs",
+        runtime: str = "all",
+        force: bool = False,
+    ) -> ExportResult:
+        """Export trial ``trial`` (or the smallest front model with ``min_acr`` / ``max_accuracy_drop``) to ``out``:
+        the same export as ``approxtune export`` — compressed weights, ``model.onnx`` and ``model.pt2``, each with
+        a certificate computed in its runtime on the held-out report inputs (see the README, "Exporting a model")."""
+        return export_trial(
+            self.job,
+            out,
+            trial=trial,
+            min_acr=min_acr,
+            max_accuracy_drop=max_accuracy_drop,
+            recheck=recheck,
+            runtime=runtime,
+            force=force,
+            progress=self.reporter.progress,
+            log=self.reporter.info,
+        )
+
 
 def _first(study: Study) -> str:
     return (
@@ -111,23 +139,17 @@ def certify_job(job: Job, split: str, reporter: Reporter, *, shared: bool = Fals
         cache = _shared_cache(job)
         reporter.info(f"Reusing the base cache {job.study.cache_path(split)} (read-only)")
         return Certification(cache, search.clean_accuracy(job.model, job.inputs(split), job.device), False, split)
-    study, inputs = job.study, job.inputs(split)
-    c = study.certify
-    path = study.cache_path(split)
-    cache = pipeline.reusable_cache(
-        study,
+    inputs = job.inputs(split)
+    cache, built = pipeline.certify_split(
+        job.study,
         job.model,
         inputs,
         split,
-        on_rebuild=lambda why: reporter.warn(f"Rebuilding {path}: {why}"),
-        on_adopt=reporter.info,
+        num_classes=job.num_classes,
+        device=job.device,
+        progress=reporter.progress,
+        say=reporter.info,
     )
-    built = cache is None
-    if built:
-        pipeline.check_room(study, len(inputs), job.num_classes)
-        with reporter.progress(f"certify g on {len(inputs)} {split} inputs", len(inputs) * (c.n0 + c.n)) as advance:
-            cache = pipeline.build_cache(study, job.model, inputs, split, device=job.device, progress=advance)
-    reporter.info(f"{'Wrote' if built else 'Reusing'} the base cache {path}")
     return Certification(cache, search.clean_accuracy(job.model, inputs, job.device), built, split)
 
 

@@ -85,6 +85,7 @@ __all__ = [
     "global_l1_masks",
     "l1_mask",
     "model_size_bytes",
+    "packed_precision",
     "preset",
     "pruning_masks",
     "size_ratio",
@@ -438,17 +439,23 @@ def compress_layer(weight: torch.Tensor, choice: LayerChoice, mask: torch.Tensor
     return arrays
 
 
+def packed_precision(packed: Mapping[str, np.ndarray]) -> str:
+    """The precision that a packed layer stores, read from the dtype of its ``values``."""
+    values = packed.get("values")
+    precision = None if values is None else _PRECISION_OF_DTYPE.get(np.asarray(values).dtype)
+    if precision is None:
+        found = "no 'values'" if values is None else f"'values' of dtype {np.asarray(values).dtype}"
+        raise ApproximationError(f"packed layer: {found}, not one of the stored dtypes")
+    return precision
+
+
 def decompress_layer(packed: Mapping[str, np.ndarray], shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
     """The fp32 weight tensor of shape ``shape`` that ``packed`` (from :func:`compress_layer`) stores."""
     shape = tuple(int(s) for s in shape)
     n = math.prod(shape)
     _check_keys(packed, _PACKED_KEYS, "packed layer")
-    if "values" not in packed:
-        raise ApproximationError("packed layer: missing 'values'")
+    precision = packed_precision(packed)
     values = np.asarray(packed["values"]).reshape(-1)
-    precision = _PRECISION_OF_DTYPE.get(values.dtype)
-    if precision is None:
-        raise ApproximationError(f"packed layer: 'values' has dtype {values.dtype}, not one of the stored dtypes")
     keep = None
     if "mask" in packed:
         bits = np.asarray(packed["mask"], dtype=np.uint8).reshape(-1)

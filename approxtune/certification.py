@@ -41,7 +41,7 @@ def _per_input(value: int | np.ndarray, count: int, name: str) -> np.ndarray:
 
 
 def predict_under_noise(
-    model: nn.Module,
+    model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
     inputs: torch.Tensor,
     seeds: np.ndarray,
     stream: int,
@@ -59,7 +59,8 @@ def predict_under_noise(
     Sample ``j`` of input ``i`` is ``inputs[i] + sigma * eps_j`` with ``eps_j`` from :mod:`approxtune.noise` (stream
     ``stream``, seed ``seeds[i]``), so any range is reproducible bit for bit.  ``start`` and ``stop`` are scalars or one
     value per input.  Returns an array of shape ``(len(inputs), max(stop - start))`` of the smallest unsigned type that
-    holds the class count; entries past an input's own range are 0.  The model is put in eval mode.
+    holds the class count; entries past an input's own range are 0.  ``model`` is any function from a batch to its
+    logits; an ``nn.Module`` is put in eval mode and runs on its parameters' device unless ``device`` is given.
     """
     n_inputs = len(inputs)
     starts = _per_input(start, n_inputs, "start")
@@ -70,8 +71,10 @@ def predict_under_noise(
         raise ValueError(f"sigma must be positive, got {sigma}")
     width = int(np.max(np.asarray(stop) - np.asarray(start), initial=0))
     shape = tuple(inputs.shape[1:])
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.eval()
+    if isinstance(model, nn.Module):
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        model.eval()
+    device = torch.device(device or "cpu")
 
     inputs_cpu = inputs.detach().to("cpu", torch.float32)
     buf = torch.empty((batch_size + block_size, *shape), dtype=torch.float32)

@@ -163,6 +163,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     with StopAfterTrial() as stopper:
         result = api.tune(study=study, device=args.device, reporter=reporter, callbacks=[stopper])
     _show_front(study, result.study, as_json=False)
+    if not study.cache_path("report").exists():
+        out.print(f"Before `approxtune export`, {pipeline.report_cache_hint(study)}.", highlight=False)
     return INTERRUPTED if stopper.requested else 0  # scripts can tell a stopped run from a finished one
 
 
@@ -217,11 +219,14 @@ def cmd_front(args: argparse.Namespace) -> None:
     _show_front(study, optuna_study, as_json=args.json, curves=curves, trials=args.trials)
 
 
+_TUNED_FIRST = "export needs the model the study was tuned with (run `approxtune tune` first)"
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from approxtune import export
 
     study = load_study(args.study)
-    device = pipeline.resolve_device(study, args.device)
+    job = prepare(study, device=args.device, no_training=f"no checkpoint at {study.checkpoint}: {_TUNED_FIRST}")
 
     def on_chosen(trial: optuna.trial.FrozenTrial, reason: str) -> None:
         attrs = trial.user_attrs
@@ -235,38 +240,68 @@ def cmd_export(args: argparse.Namespace) -> None:
             console.print(f"[yellow]Trial {trial.number} violates the study's constraints (it is not feasible).[/]")
 
     result = export.export_trial(
-        study,
+        job,
         args.out,
         trial=args.trial,
         min_acr=args.min_acr,
         max_accuracy_drop=args.max_accuracy_drop,
         recheck=args.recheck,
+        runtime=args.runtime,
         force=args.force,
-        device=device,
         progress=progress_bar,
-        log=console.print,
+        log=reporter.info,
         on_chosen=on_chosen,
     )
     cert = result.certificate
     out.print(export.certificate_table(cert))
     out.print(cert["explanation"], highlight=False)
+    out.print(cert["report_set"]["note"], highlight=False)
     reproduced, recorded = cert["search"]["reproduced_acr"], cert["search"]["acr"]
     if not np.isclose(reproduced, recorded, rtol=0, atol=1e-9):
         console.print(
             f"[yellow]The exported model's search-set ACR is {reproduced:.6f}, the trial recorded {recorded:.6f} "
             "(different device or thread count?).[/]"
         )
-    out.print(
-        f"Wrote {result.path}: weights {result.payload_bytes:,} bytes (the reported size {result.size_bytes:,}) + "
-        f"header {result.header_bytes:,} bytes; model.pt2 (torch.export); certificate.json; "
-        f"sha256 {result.sha256[:16]}...; {result.seconds:.1f}s",
-        highlight=False,
+    size = result.size_bytes
+    deployables = "; ".join(
+        f"{name} {nbytes:,} bytes (size_bytes + {nbytes - size:,})" for name, nbytes in result.deployable_bytes.items()
     )
     out.print(
-        f"Attached certificate.json, front.png and front.html to trial {cert['trial']}: optuna-dashboard "
-        f"{study.storage} --artifact-dir {export.artifact_dir(study)}",
+        f"Wrote {result.path}: weights {result.payload_bytes:,} bytes (the reported size {size:,}) + header "
+        f"{result.header_bytes:,} bytes; {deployables}; certificate.json; sha256 {result.sha256[:16]}...; "
+        f"{result.seconds:.1f}s",
         highlight=False,
     )
+    if result.not_attached:
+        names = ", ".join(p.name for p in result.not_attached)
+        limit = export.artifacts.ARTIFACT_MAX_BYTES
+        console.print(f"Not attached to the trial (larger than the {limit:,}-byte artifact limit): {names}")
+    out.print(
+        f"Attached the exported files, front.png and front.html to trial {cert['trial']}, with its held-out ACR, "
+        f"accuracy and "
+        f"export path as user attributes: optuna-dashboard {study.storage} --artifact-dir {export.artifact_dir(study)}",
+        highlight=False,
+    )
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from approxtune import export
+
+    result = export.verify(args.directory, study=args.study, runtime=args.runtime, progress=progress_bar)
+    for check in result.checks:
+        recorded, recomputed = check.recorded, check.recomputed
+        head = (
+            f"{check.artifact} in {check.runtime} {recorded['runtime_version']} (SHA-256 "
+            f"{recorded['artifact_sha256'][:16]}... matches): ACR {recomputed['acr']:.4f}, accuracy "
+            f"{recomputed['accuracy']:.3f} on {len(recomputed['per_input'])} report inputs"
+        )
+        if check.reproduced:
+            out.print(f"{head}: reproduced", highlight=False)
+            continue
+        out.print(f"{head}: [bold red]NOT reproduced[/]", highlight=False)
+        for line in (*check.differences, *(f"this run differs in {note}" for note in check.notes)):
+            out.print(f"  {escape(line)}", highlight=False)
+    return 0 if result.reproduced else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,11 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="export a trial's compressed model (weights, torch.export program) with a held-out certificate",
+        help="export a trial's compressed model (weights, ONNX, torch.export) with a held-out certificate per runtime",
         description="Export trial N (--trial), or the smallest Pareto-front model that satisfies a rule (--min-acr "
         "and/or --max-accuracy-drop, both must hold), to DIR: weights.bin + index.json (the compressed weights), "
-        "config.json, model.pt2 (loads with torch.export.load, no approxtune needed) and certificate.json (the "
-        "model re-certified on the held-out report inputs with fresh noise). Load it with approxtune.load_model(DIR).",
+        "config.json, model.onnx (ONNX Runtime) and model.pt2 (torch.export.load), both compressed and runnable "
+        "without approxtune, and certificate.json: each shipped file re-certified in its own runtime on the held-out "
+        "report inputs with noise the search never saw. Load the weights with approxtune.load_model(DIR); check the "
+        "certificate with approxtune verify DIR.",
     )
     p.add_argument("study", help="study file (TOML)")
     p.add_argument("--trial", type=int, metavar="N", help="the trial number to export")
@@ -343,9 +380,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="held-out certificate: IRS against the report inputs' base cache (default), or Cohen's CERTIFY of the "
         "exported model from scratch on fresh noise",
     )
+    _runtime_option(p, "which deployables to write and certify, each in its runtime")
     p.add_argument("--device", choices=("cpu", "cuda"), help="override certify.device")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "verify",
+        help="recompute an export's certificate on this machine and check its files' hashes",
+        description="Recompute the held-out certificate of the export DIR from its files and the study's report "
+        "inputs and base cache, after checking every file's SHA-256. Exit 0: reproduced; 1: not reproduced (what "
+        "differs is printed); 2: bad input (changed or truncated files, a missing runtime package, other report "
+        "inputs or cache). Writes nothing.",
+    )
+    p.add_argument("directory", metavar="DIR", help="an export directory (from approxtune export)")
+    p.add_argument("--study", metavar="STUDY.toml", help="study file (default: the one the export was made from)")
+    _runtime_option(p, "which certificates to recompute")
+    p.set_defaults(func=cmd_verify)
     return parser
+
+
+def _runtime_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--runtime", default="all", metavar="R", help=f"{what}: onnxruntime, torch or all (default: all)"
+    )
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters

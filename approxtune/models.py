@@ -207,7 +207,7 @@ def build_model(arch: str) -> nn.Module:
     try:
         return ARCHITECTURES[arch]()
     except KeyError:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}") from None
+        raise ModelError(f"unknown architecture {arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}") from None
 
 
 class ModelError(ApproxtuneError):
@@ -246,6 +246,15 @@ def build_architecture(spec: Mapping[str, Any], folders: Sequence[Path] = ()) ->
     ``folders`` are searched for a factory's module before the spec's own folder and ``sys.path``.  Raises
     :class:`ModelError` naming what could not be built and how to fix it.
     """
+    try:
+        return _build(spec, folders)
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, ModelError):
+            raise
+        raise ModelError(f"malformed architecture spec {dict(spec)!r} ({type(exc).__name__}: {exc})") from None
+
+
+def _build(spec: Mapping[str, Any], folders: Sequence[Path]) -> nn.Module:
     kind = spec.get("kind")
     if kind == "builtin":
         return build_model(str(spec.get("arch")))

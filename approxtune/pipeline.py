@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,11 @@ from approxtune.usercode import import_callable
 __all__ = [
     "TRAINABLE",
     "adopt_legacy_cache",
+    "certify_split",
     "ensure_cache",
     "ensure_model",
     "load_inputs",
+    "report_cache_hint",
     "resolve_device",
     "split_indices",
 ]
@@ -394,3 +397,48 @@ def ensure_cache(
     if cache is not None:
         return cache, False
     return build_cache(study, model, inputs, split, device=device, progress=progress), True
+
+
+def certify_split(
+    study: Study,
+    model: nn.Module,
+    inputs: Inputs,
+    split: str,
+    *,
+    num_classes: int,
+    device: torch.device,
+    progress: Callable[[str, int], AbstractContextManager[Callable[[int], None]]],
+    say: Callable[[str], None],
+) -> tuple[BaseCache, bool]:
+    """The base cache of ``split``: reused when it matches, else certified under a ``progress(description, total)``
+    bar once the disk and memory are known to hold it (:func:`check_room`); ``say`` is told what was done.
+
+    Returns the cache and whether it was certified now.
+    """
+    path = study.cache_path(split)
+    cache = reusable_cache(
+        study, model, inputs, split, on_rebuild=lambda why: say(f"Rebuilding {path}: {why}"), on_adopt=say
+    )
+    built = cache is None
+    if built:
+        check_room(study, len(inputs), num_classes)
+        c = study.certify
+        with progress(f"certify g on {len(inputs)} {split} inputs", len(inputs) * (c.n0 + c.n)) as advance:
+            cache = build_cache(study, model, inputs, split, device=device, progress=advance)
+    say(f"{'Wrote' if built else 'Reusing'} the base cache {path}")
+    return cache, built
+
+
+def report_cache_hint(study: Study) -> str:
+    """How to build the report inputs' base cache ahead of time (``export`` certifies against it, building it if
+    missing)."""
+    c = study.certify
+    how = (
+        f"`approxtune certify {study.path} --split report`"
+        if study.path is not None
+        else '`approxtune.certify(model, data, ..., split="report")`'
+    )
+    return (
+        f"build the held-out report cache ahead of time with {how} ({study.data.report_inputs} inputs x "
+        f"{c.n0 + c.n:,} samples of g; `export` builds it otherwise)"
+    )

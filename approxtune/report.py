@@ -259,9 +259,13 @@ def _held_out(
         try:
             with store.open_reader(meta.artifact_id) as reader:
                 cert = json.loads(reader.read())
-            radii = np.array([p["radius"] for p in cert["per_input"]], dtype=np.float64)
-        except (OSError, ValueError, KeyError):
+            for held in cert["certificates"]:  # one per shipped artifact, certified in its runtime
+                radii = np.array([p["radius"] for p in held["per_input"]], dtype=np.float64)
+                label = (
+                    f"trial {trial.number} held out ({held['runtime']}, {cert['method']}, {len(radii)} report "
+                    "inputs, fresh noise)"
+                )
+                out.append(Curve(label, radii, trial.number, "report", cert["confidence"]))
+        except (OSError, ValueError, KeyError, TypeError):
             return out, f"trial {trial.number}: its certificate artifact {meta.artifact_id} cannot be read"
-        label = f"trial {trial.number} held out ({cert['method']}, {len(radii)} report inputs, fresh noise)"
-        out.append(Curve(label, radii, trial.number, "report", cert["confidence"]))
     return sorted(out, key=lambda c: c.label), None

@@ -109,12 +109,17 @@ class StudyMismatchError(ApproxtuneError):
     """An existing Optuna study that was run against another cache or other IRS settings."""
 
 
-def clean_accuracy(model: nn.Module, inputs: Inputs, device: torch.device | str = "cpu") -> float:
-    """Accuracy of ``model`` on the unperturbed inputs: the exact count of correct ones over their number (float64)."""
+def clean_accuracy(
+    model: nn.Module | Callable[[torch.Tensor], torch.Tensor], inputs: Inputs, device: torch.device | str = "cpu"
+) -> float:
+    """Accuracy of ``model`` (a module, put in eval mode, or any function from a batch to logits) on the unperturbed
+    inputs: the exact count of correct ones over their number (float64)."""
+    if isinstance(model, nn.Module):
+        model.eval()
     correct = 0
     with torch.inference_mode():
         for i in range(0, len(inputs), 1024):
-            predicted = model.eval()(inputs.x[i : i + 1024].to(device)).argmax(1).cpu()
+            predicted = model(inputs.x[i : i + 1024].to(device)).argmax(1).cpu()
             correct += int((predicted == inputs.y[i : i + 1024]).sum())
     return correct / len(inputs)
 

@@ -1,15 +1,5 @@
 """What the benchmarks record about the machine they ran on."""
 
-import platform
-from pathlib import Path
+from approxtune.export.runtimes import cpu_model
 
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what ``platform.processor()`` says, else "unknown"."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+__all__ = ["cpu_model"]

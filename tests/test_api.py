@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import optuna
 import pytest
@@ -237,3 +239,25 @@ def test_bad_model_or_data_raises_one_error_type_before_any_work(tmp_path, model
     with pytest.raises(approxtune.ApproxtuneError, match=message):
         approxtune.tune(model, data, output_dir=str(out), **{**SMALL, **keywords})
     assert not out.exists(), "nothing written"
+
+
+def test_export_an_own_model_and_load_it_back(tuned, tmp_path):
+    _, result = tuned
+    row = min(result.front, key=lambda r: r["size_bytes"])
+    exported = result.export(trial=row["trial"], out=tmp_path / "mlp-export")
+    config = json.loads((tmp_path / "mlp-export" / "config.json").read_text())
+    assert config["architecture"] == {"kind": "module", "class": "test_api:TinyMLP"}
+    assert config["input_shape"] == [64] and config["study_file"] is None
+    rebuilt = approxtune.load_model(tmp_path / "mlp-export")  # TinyMLP() rebuilds it: its argument has a default
+    x, y = digits_flat()
+    assert isinstance(rebuilt, TinyMLP) and torch.equal(rebuilt(x), exported.model(x))
+    held = exported.certificate["certificates"]
+    assert {h["runtime"] for h in held} == {"onnxruntime", "torch"} and all(h["acr"] > 0 for h in held)
+    check = approxtune.verify(tmp_path / "mlp-export", study=result.settings, data=(x, y))
+    assert check.reproduced
+    with pytest.raises(approxtune.ApproxtuneError, match=r"the report inputs of .* are not the ones"):
+        approxtune.verify(tmp_path / "mlp-export", study=result.settings, data=(x.flip(0), y.flip(0)))
+    config["architecture"]["class"] = "gone_module_y:TinyMLP"
+    (tmp_path / "mlp-export" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(approxtune.ApproxtuneError, match=r"no module named 'gone_module_y'.*model=YourNet"):
+        approxtune.load_model(tmp_path / "mlp-export")

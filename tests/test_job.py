@@ -3,8 +3,12 @@ through the command line, and every bad input of such a study: one line, exit 2,
 
 from __future__ import annotations
 
+import importlib
 import itertools
+import json
 import re
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -127,7 +131,32 @@ def test_factory_and_loader_study_end_to_end(user_study, monkeypatch, capsys):
     assert max(t.values[0] for t in complete) > 0.1
     assert "Pareto front" in capsys.readouterr().out
 
+    best = max(complete, key=lambda t: t.values[0])
+    out = work / "exported"
+    assert main(["export", str(study), "--trial", str(best.number), "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == {
+        "kind": "factory",
+        "factory": f"{module}:make_mlp",
+        "kwargs": {"hidden": 24},
+        "folder": str(folder.resolve()),
+    }
+    # A fresh process elsewhere rebuilds the factory's model from the recorded folder: predictions equal f^p's.
+    code = (  # load_model imports the factory from the recorded folder, which it puts on sys.path
+        "import sys, approxtune; m = approxtune.load_model(sys.argv[1]);"
+        f"from {module} import load_digits_flat; x, _ = load_digits_flat();"
+        "print(type(m).__name__, m(x).argmax(1).tolist()[:300])"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(out)], cwd="/", capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    from approxtune.export import load_model
 
+    x, _ = importlib.import_module(module).load_digits_flat()
+    expected = load_model(out)(x).argmax(1).tolist()[:300]
+    assert done.stdout.split(" ", 1) == ["TinyMLP", f"{expected}\n"]
+
+
+@pytest.mark.slow
 def test_torchvision_study_with_a_checkpoint(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     net = torchvision.models.resnet18(num_classes=10)
@@ -156,8 +185,18 @@ def test_torchvision_study_with_a_checkpoint(tmp_path, monkeypatch, capsys):
         [search]
         trials = 2
     """)
-    code, _, _ = run(tmp_path, text, "tune", monkeypatch=monkeypatch)
+    code, study, work = run(tmp_path, text, "tune", monkeypatch=monkeypatch)
     assert code == 0, capsys.readouterr().err
+    trials = optuna.load_study(study_name=study.stem, storage=f"sqlite:///{work / 'runs' / study.stem / 'study.db'}")
+    number = next(t.number for t in trials.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    assert main(["export", str(study), "--trial", str(number), "--out", "r18", "--runtime", "torch"]) == 0
+    from approxtune.export import load_model
+
+    rebuilt = load_model(work / "r18")  # torchvision's resnet18 behind the normalisation layer, rebuilt by name
+    assert type(rebuilt[1]).__name__ == "ResNet" and rebuilt[1].fc.out_features == 10
+    images = torch.from_numpy(np.load(tmp_path / "images.npz")["x"])
+    program = torch.export.load(work / "r18" / "model.pt2").module()
+    assert torch.equal(rebuilt(images).argmax(1), program(images).argmax(1))
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")

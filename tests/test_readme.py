@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import runpy
 from pathlib import Path
 
 import pytest
+import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -28,9 +30,12 @@ def test_use_your_own_model_example_runs_as_written(tmp_path, monkeypatch, capsy
     monkeypatch.chdir(tmp_path)
     namespace = runpy.run_path(str(tmp_path / "example.py"), run_name="__main__")
     result, export = namespace["result"], namespace["export"]
-    assert result.front and export.certificate["confidence"] > 0.99
-    rebuilt = approxtune.load_model(tmp_path / "exported" / "my-mlp")
+    assert result.front and export.certificate["confidence"] > 0.99 and len(export.certificate["certificates"]) == 2
+    directory = tmp_path / "exported" / "my-mlp"
+    with pytest.raises(approxtune.ApproxtuneError, match=r"load_model\(DIR, model=YourNet"):
+        approxtune.load_model(directory)  # an nn.Sequential is not rebuilt without its layers
+    rebuilt = approxtune.load_model(directory, model=copy.deepcopy(namespace["model"]))
     x = namespace["x"][:50]
-    assert (rebuilt(x).argmax(1) == export.model(x).argmax(1)).all()
+    assert torch.equal(rebuilt(x), export.model(x))
     printed = capsys.readouterr().out
     assert re.search(r"^\d+ ACR 0\.\d{3} accuracy 0\.\d{3} \d+% of fp32$", printed, re.MULTILINE), printed

@@ -114,9 +114,8 @@ def test_an_exported_trials_held_out_curve_is_read_from_its_certificate(tmp_path
     store_dir.mkdir()
     held = [0.0, 0.3, 0.6, 0.9]
     certificate = tmp_path / "certificate.json"
-    certificate.write_text(
-        json.dumps({"method": "irs", "confidence": 0.997, "per_input": [{"radius": r} for r in held]})
-    )
+    runtimes = [{"runtime": name, "per_input": [{"radius": r} for r in held]} for name in ("onnxruntime", "torch")]
+    certificate.write_text(json.dumps({"method": "irs", "confidence": 0.997, "certificates": runtimes}))
     values, attrs, record = recorded(study, 0.35, 0.9, 20_000, config("int8", "int8", "int8", "int8"))
     trial = study.ask()  # artifacts attached to the running trial here (export links them to a finished one)
     for key, value in attrs.items():
@@ -127,9 +126,12 @@ def test_an_exported_trials_held_out_curve_is_read_from_its_certificate(tmp_path
     study.tell(trial, list(values))
 
     curves, notes = report.curves(study, [0], None, store_dir)
-    assert notes == [] and [(c.trial, c.split) for c in curves] == [(0, "search"), (0, "report")]
+    assert notes == [] and [(c.trial, c.split) for c in curves] == [(0, "search"), (0, "report"), (0, "report")]
     assert np.array_equal(curves[1].radii, held) and curves[1].confidence == 0.997
-    assert curves[1].label == "trial 0 held out (irs, 4 report inputs, fresh noise)"
+    assert [c.label for c in curves[1:]] == [
+        "trial 0 held out (onnxruntime, irs, 4 report inputs, fresh noise)",
+        "trial 0 held out (torch, irs, 4 report inputs, fresh noise)",
+    ]
     curves, notes = report.curves(study, [0], None, tmp_path / "elsewhere")
     assert len(curves) == 1 and notes == [
         f"trial 0 was exported, but its certificate is not in the artifact store {tmp_path / 'elsewhere'}"
