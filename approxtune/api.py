@@ -225,7 +225,7 @@ def tune_job(
 ) -> TuneResult:
     """:func:`tune` for a prepared :class:`~approxtune.job.Job`."""
     study = job.study
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    reporter.set_optuna_verbosity()
     expected = pipeline.expected_meta(study, job.model, job.inputs("search"), "search")
     expected = replace(expected, num_classes=job.num_classes)
     search.check_existing(study, search.settings_attrs(study, expected))  # before certifying anything

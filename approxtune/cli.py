@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import os
 import signal
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     study = load_study(args.study)
     with progress_bar(f"train {study.model.builtin_arch} (sigma={study.certify.sigma:g})", study.train.epochs) as bar:
         pipeline.train_study_model(study, progress=lambda epoch, loss: bar(1))
-    console.print(f"Saved the base model to {study.checkpoint}")
+    reporter.info(f"Saved the base model to {study.checkpoint}")
 
 
 def cmd_certify(args: argparse.Namespace) -> None:
@@ -71,18 +73,18 @@ def _certify_split(study: Study, args: argparse.Namespace) -> None:
     model, device, inputs = job.model, job.device, job.inputs(args.split)
     path = study.cache_path(args.split)
     expected = pipeline.expected_meta(study, model, inputs, args.split)
-    pipeline.adopt_legacy_cache(study, args.split, expected, console.print)
+    pipeline.adopt_legacy_cache(study, args.split, expected, reporter.info)
     c = study.certify
     settings = pipeline.certify_settings(study, args.split)
     existing = _matching_cache(path, expected)
     if existing is not None:
-        console.print(f"The base cache {path} is already complete.")
+        reporter.info(f"The base cache {path} is already complete.")
         if args.merge:
             _print_certification(existing, clean_accuracy(model, inputs, device), args.split)
         return
     if args.merge:
         cache = cache_mod.merge_base_cache(model, inputs, path, settings, device=device)
-        console.print(f"Merged the shards into the base cache {path}")
+        reporter.info(f"Merged the shards into the base cache {path}")
         _print_certification(cache, clean_accuracy(model, inputs, device), args.split)
         return
     i, k = shard
@@ -151,7 +153,7 @@ class StopAfterTrial:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        console.print("[yellow]Stopping after the current trial (Ctrl-C again to abort it).[/]")
+        reporter.warn("Stopping after the current trial (Ctrl-C again to abort it).")
 
     def __call__(self, optuna_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if self.requested:
@@ -204,14 +206,13 @@ def _draw_curves(study: Study, optuna_study: optuna.Study, trials: str | None, a
     if base is None:
         notes.insert(0, f"g's curve is left out: {study.cache_path('search')} is missing or not this study's cache")
     for note in notes:
-        console.print(f"[yellow]{escape(note)}[/]")
+        reporter.warn(note)
     title = f"{study.name}: certified accuracy against radius"
     return plots.plot_curves(curves, study.output_dir / "curves.png", title)
 
 
 def cmd_front(args: argparse.Namespace) -> None:
     study = load_study(args.study)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     optuna_study = search.load_existing_study(study)
     if optuna_study is None:
         raise ValueError(f"no study {study.name!r} in {study.storage}; run `approxtune tune {args.study}` first")
@@ -237,7 +238,7 @@ def cmd_export(args: argparse.Namespace) -> None:
             highlight=False,
         )
         if not search.feasible(trial):
-            console.print(f"[yellow]Trial {trial.number} violates the study's constraints (it is not feasible).[/]")
+            reporter.warn(f"Trial {trial.number} violates the study's constraints (it is not feasible).")
 
     result = export.export_trial(
         job,
@@ -258,9 +259,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     out.print(cert["report_set"]["note"], highlight=False)
     reproduced, recorded = cert["search"]["reproduced_acr"], cert["search"]["acr"]
     if not np.isclose(reproduced, recorded, rtol=0, atol=1e-9):
-        console.print(
-            f"[yellow]The exported model's search-set ACR is {reproduced:.6f}, the trial recorded {recorded:.6f} "
-            "(different device or thread count?).[/]"
+        reporter.warn(
+            f"The exported model's search-set ACR is {reproduced:.6f}, the trial recorded {recorded:.6f} "
+            "(different device or thread count?)."
         )
     size = result.size_bytes
     deployables = "; ".join(
@@ -275,7 +276,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     if result.not_attached:
         names = ", ".join(p.name for p in result.not_attached)
         limit = export.artifacts.ARTIFACT_MAX_BYTES
-        console.print(f"Not attached to the trial (larger than the {limit:,}-byte artifact limit): {names}")
+        reporter.warn(f"Not attached to the trial (larger than the {limit:,}-byte artifact limit): {names}")
     out.print(
         f"Attached the exported files, front.png and front.html to trial {cert['trial']}, with its held-out ACR, "
         f"accuracy and "
@@ -304,10 +305,32 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if result.reproduced else 1
 
 
+DESCRIPTION = (
+    "Find compressed versions of a PyTorch classifier that stay certifiably robust: certify the smoothed base model "
+    "once, search per-layer quantization and pruning with every trial certified by incremental randomized smoothing, "
+    "and export the chosen model with a held-out certificate. Every command takes a study file (TOML)."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="approxtune", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)  # accepted before the command and after it
+    common.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more output: Optuna's log (twice: debug)"
+    )
+    common.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="no progress bars or messages, results only",
+    )
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks instead of one-line errors"
+    )
+    parser = argparse.ArgumentParser(prog="approxtune", description=DESCRIPTION, parents=[common])
+    parser.add_argument("--version", action="version", version=f"approxtune {version('approxtune')}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser = functools.partial(sub.add_parser, parents=[common])
 
     p = sub.add_parser("train", help="train the study's embedded base model with Gaussian noise augmentation")
     p.add_argument("study", help="study file (TOML)")
@@ -317,8 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
         "certify",
         help="certify the smoothed base model once and cache the result",
         description="Certify the smoothed base model g once and write the base cache. To split the work over "
-        "processes or machines: run `--shard I/K` for I = 0 .. K-1 (each certifies chunks I, I+K, I+2K, ... of the "
-        "inputs into <cache>.partial/, on storage they share or copied together afterwards), then `--merge` once: "
+        "processes or machines: run --shard I/K for I = 0 .. K-1 (each certifies chunks I, I+K, I+2K, ... of the "
+        "inputs into <cache>.partial/, on storage they share or copied together afterwards), then --merge once: "
         "the merged cache is byte-identical to a one-process run.",
     )
     p.add_argument("study", help="study file (TOML)")
@@ -433,6 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     tune_malloc()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.debug = getattr(args, "debug", False)
+    reporter.quiet = getattr(args, "quiet", False)
+    reporter.verbosity = getattr(args, "verbose", 0)
+    reporter.set_optuna_verbosity()
     try:
         return args.func(args) or 0
     except (ValueError, OSError) as exc:

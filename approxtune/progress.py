@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import optuna
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -16,11 +17,19 @@ __all__ = ["Reporter"]
 
 
 class Reporter:
-    """Progress bars and messages for long work; ``quiet`` shows nothing."""
+    """Progress bars and messages for long work; ``quiet`` shows nothing; ``verbosity`` (0, 1, 2) lets Optuna's own
+    log through (INFO, DEBUG), which is otherwise limited to warnings (``quiet``: errors)."""
 
-    def __init__(self, console: Console | None = None, *, quiet: bool = False) -> None:
+    def __init__(self, console: Console | None = None, *, quiet: bool = False, verbosity: int = 0) -> None:
         self.console = console or Console(stderr=True)
         self.quiet = quiet
+        self.verbosity = verbosity
+
+    def set_optuna_verbosity(self) -> None:
+        """Optuna's logging level as this reporter's verbosity asks."""
+        levels = {0: optuna.logging.WARNING, 1: optuna.logging.INFO}
+        level = optuna.logging.ERROR if self.quiet else levels.get(self.verbosity, optuna.logging.DEBUG)
+        optuna.logging.set_verbosity(level)
 
     @contextmanager
     def progress(self, description: str, total: int) -> Iterator[Callable[[int], None]]:

@@ -335,3 +335,35 @@ def test_a_cache_under_the_old_name_is_renamed_not_recomputed_and_other_settings
     third.write_text(TINY.replace("seed = 1", "seed = 2"))
     assert main_in(tmp_path, ["certify", str(third)]) == 0
     assert "Renamed" not in capsys.readouterr().err and legacy.is_dir()
+
+
+def test_version_module_entry_and_plain_help():
+    from importlib.metadata import version
+
+    done = subprocess.run([sys.executable, "-m", "approxtune", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == f"approxtune {version('approxtune')}"
+    for args in (["--help"], *([command, "--help"] for command in ("train", "certify", "tune", "front", "export"))):
+        done = subprocess.run([sys.executable, "-m", "approxtune", *args], capture_output=True, text=True)
+        assert done.returncode == 0 and "usage: approxtune" in done.stdout
+        assert "``" not in done.stdout and "`" not in done.stdout, "help texts are plain text"
+        assert "-q, --quiet" in done.stdout and "-v, --verbose" in done.stdout
+
+
+def test_quiet_shows_results_only_and_verbose_lets_optunas_log_through(tuned, capfd):
+    root, study = tuned
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        capfd.readouterr()
+        assert main(["-q", "tune", str(study)]) == 0
+        quiet = capfd.readouterr()
+        assert quiet.err == "" and "Pareto front" in quiet.out
+        assert main(["tune", "--quiet", str(study)]) == 0 and capfd.readouterr().err == ""
+        trials = len(optuna.load_study(study_name="tiny", storage=f"sqlite:///{root / 'runs/tiny/study.db'}").trials)
+        more = root / "more-verbose.toml"
+        for flag, trial in ((["-v"], trials), ([], trials + 1)):  # a subprocess: Optuna's handler keeps its stream
+            more.write_text(TINY.replace("trials = 9", f"trials = {trial + 1}"))
+            command = [sys.executable, "-m", "approxtune", "tune", *flag, str(more)]
+            done = subprocess.run(command, cwd=root, capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+            logged = f"Trial {trial} finished with values" in done.stderr
+            assert logged == bool(flag), "Optuna's INFO log line of the new trial, with -v only"

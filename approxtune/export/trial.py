@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import optuna
 from optuna.trial import TrialState
 
 from approxtune import pipeline, plots
@@ -212,7 +211,6 @@ def export_trial(
     select_runtimes(runtime)
     out_dir = check_output(out_dir, force)
     study_file = study.origin
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     optuna_study = load_existing_study(study)
     if optuna_study is None:
         raise ExportError(f"no study {study.name!r} in {study.storage}; run `approxtune tune {study_file}` first")
