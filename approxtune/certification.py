@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from approxtune.noise import DEFAULT_BLOCK_SIZE, Stream, blocks, noise_block
+from approxtune.noise import DEFAULT_BLOCK_SIZE, Stream, blocks, normal_blocks
 from approxtune.statistics import lower_confidence_bound, radius
 
 __all__ = ["DEFAULT_BATCH_SIZE", "CertifyResult", "certify", "class_dtype", "predict_under_noise"]
@@ -74,50 +74,47 @@ def predict_under_noise(
     model.eval()
 
     inputs_cpu = inputs.detach().to("cpu", torch.float32)
+    count = block_size * int(np.prod(shape, dtype=np.int64))
     buf = torch.empty((batch_size + block_size, *shape), dtype=torch.float32)
-    scratch = torch.empty((block_size, *shape), dtype=torch.float32)
-    pieces: list[tuple[int, int, int, int]] = []  # (input, first column, offset in buf, length)
+    pieces: list[tuple[int, int, int, int, int, int]] = []  # (input, first column, offset in buf, block, lo, hi)
     fill = 0
     out: np.ndarray | None = None
+    # x + sigma * eps is computed with numpy on views of the same memory, one IEEE float32 operation per ufunc call
+    # (so the same bits on every CPU: no fused or approximate SIMD arithmetic), and numpy's elementwise ops stay on
+    # this thread, while torch splits a block of more than 32k numbers (64 CIFAR samples) across its thread pool,
+    # which stalls whenever another process holds a core.
+    buf_np, inputs_np = buf.numpy(), inputs_cpu.numpy()
+    scale = np.float32(sigma)
 
     def flush() -> None:
         nonlocal fill, out
         if fill == 0:
             return
+        rows = [p[0] for p in pieces]
+        eps = normal_blocks(seeds[rows], stream, np.array([p[3] for p in pieces]), count)  # every block in one go
+        eps = eps.reshape((len(pieces), block_size, *shape))
+        for j, (i, _, off, _, lo, hi) in enumerate(pieces):
+            dest = buf_np[off : off + hi - lo]
+            np.multiply(eps[j, lo:hi], scale, out=dest)
+            np.add(dest, inputs_np[i], out=dest)
         logits = model(buf[:fill].to(device, non_blocking=True))
         preds = logits.argmax(dim=1).cpu().numpy()
         if out is None:
             out = np.zeros((n_inputs, width), dtype=class_dtype(logits.shape[1]))
-        for i, col, off, length in pieces:
-            out[i, col : col + length] = preds[off : off + length]
+        for i, col, off, _, lo, hi in pieces:
+            out[i, col : col + hi - lo] = preds[off : off + hi - lo]
         if progress is not None:
             progress(fill)
         pieces.clear()
         fill = 0
 
-    # x + sigma * eps is computed with numpy on views of the same memory: numpy's elementwise ops stay on this thread,
-    # while torch splits a block of more than 32k numbers (64 CIFAR samples) across its thread pool, which stalls
-    # whenever another process holds a core.  The same IEEE float32 operations, so the same bits.
-    buf_np, scratch_np, inputs_np = buf.numpy(), scratch.numpy(), inputs_cpu.numpy()
-    scale = np.float32(sigma)
-
     with torch.inference_mode():
         for i in range(n_inputs):
-            seed = int(seeds[i])
             col = 0
             for block, lo, hi in blocks(int(starts[i]), int(stops[i]), block_size):
-                length = hi - lo
-                if lo == 0:  # the block starts here: draw it in place (the buffer has room for a whole block)
-                    noise_block(seed, stream, block, shape, block_size, out=buf[fill : fill + block_size])
-                else:
-                    noise_block(seed, stream, block, shape, block_size, out=scratch)
-                    buf_np[fill : fill + length] = scratch_np[lo:hi]
-                dest = buf_np[fill : fill + length]
-                np.multiply(dest, scale, out=dest)
-                np.add(dest, inputs_np[i], out=dest)
-                pieces.append((i, col, fill, length))
-                fill += length
-                col += length
+                pieces.append((i, col, fill, block, lo, hi))
+                fill += hi - lo
+                col += hi - lo
                 if fill >= batch_size:
                     flush()
         flush()

@@ -628,7 +628,7 @@ def _recheck_irs(
     say(f"{'Wrote' if built else 'Reusing'} the base cache {study.cache_path('report')}")
     budget = int(cache.certified.sum()) * settings.n_p  # tail mode spends at most this, the pilot included
     with progress("IRS of f^p on the report inputs", budget) as advance:
-        result = certify_irs(model, inputs.x, cache, settings, batch_size=c.batch_size, device=device, progress=advance)
+        result = certify_irs(model, inputs, cache, settings, batch_size=c.batch_size, device=device, progress=advance)
     replayed = f"the first {settings.n_p} estimation samples, replayed"
     if result.n_tail:  # tail mode: per-input counts decided from the last n_tail cached samples
         counts = result.counts[result.evaluated]
@@ -791,7 +791,7 @@ def export_trial(
             f"replay trial {chosen.number} on the search set", int(search_cache.certified.sum()) * settings.n_p
         ) as advance:
             replayed = certify_irs(
-                model, search_inputs.x, search_cache, settings, batch_size=c.batch_size, device=device, progress=advance
+                model, search_inputs, search_cache, settings, batch_size=c.batch_size, device=device, progress=advance
             )
         if recheck == "irs":
             held = _recheck_irs(study, base.to(device), model, report_inputs, device, progress, say)

@@ -19,6 +19,7 @@ from approxtune.cache import (
     CacheError,
     CacheMeta,
     CertifySettings,
+    NoiseMismatchError,
     build_base_cache,
     cache_meta,
     load_cache,
@@ -206,8 +207,10 @@ def ensure_cache(
 ) -> tuple[BaseCache, bool]:
     """Load the base cache of ``split`` if it matches the study, else certify g and write it.
 
-    Returns the cache and whether it was (re)built.  ``on_rebuild`` is told why an existing cache was not reused,
-    ``on_adopt`` that a cache under the old name was renamed (see :func:`adopt_legacy_cache`).
+    Returns the cache and whether it was (re)built.  ``on_rebuild`` is told why an existing cache was not reused (one
+    of an older format too), ``on_adopt`` that a cache under the old name was renamed (see
+    :func:`adopt_legacy_cache`).  A cache whose noise this installation cannot reproduce is refused
+    (:class:`~approxtune.cache.NoiseMismatchError`), never rebuilt over.
     """
     path = study.cache_path(split)
     expected = expected_meta(study, model, inputs, split)
@@ -217,6 +220,8 @@ def ensure_cache(
             cache = load_cache(path)
             cache.check(expected)
             return cache, False
+        except NoiseMismatchError:
+            raise  # never overwrite a cache that another installation can replay: the user decides
         except CacheError as exc:
             if on_rebuild is not None:
                 on_rebuild(str(exc))

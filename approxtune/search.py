@@ -209,7 +209,7 @@ def evaluate(
     approx = apply_approximation(model, config, packed).to(device)
     accuracy = clean_accuracy(approx, inputs, device)
     size = model_size_bytes(model, config, packed)
-    run = IRSRun(approx, inputs.x, cache, study.irs_settings, batch_size=study.certify.batch_size, device=device)
+    run = IRSRun(approx, inputs, cache, study.irs_settings, batch_size=study.certify.batch_size, device=device)
     for stage in (0.0, *study.search.race) if race is not None else ():
         run.extend(stage)
         if stage > 0 and run.complete:  # whole noise blocks reached the full budget: nothing left to save

@@ -358,11 +358,11 @@ torch.set_num_threads(1)
 names, root = json.loads(sys.argv[1]), sys.argv[2]
 study = load_study("tiny.toml")
 cache = load_cache(study.cache_path("search"))
-x = pipeline.load_inputs(study, "search").x
+inputs = pipeline.load_inputs(study, "search")
 rows = np.flatnonzero(cache.certified)
 for name in names:
     model = approxtune.load_model(f"{root}/{name}")
-    preds = replay(model, x, cache, rows, study.irs.n_p, batch_size=study.certify.batch_size)
+    preds = replay(model, inputs, cache, rows, study.irs.n_p, batch_size=study.certify.batch_size)
     np.save(f"{root}/{name}.load-replay.npy", preds)
 """
 
@@ -374,7 +374,8 @@ def exact(tuned):
     study = load_study(root / "tiny.toml")
     base = load_checkpoint(root / "runs/export-tiny/model.pt", "digits-cnn")
     cache = load_cache(root / study.cache_path("search"))
-    x = pipeline.load_inputs(study, "search").x
+    inputs = pipeline.load_inputs(study, "search")
+    x = inputs.x
     rows = np.flatnonzero(cache.certified)
     out = root / "exact"
     expected, results, batches = {}, {}, None
@@ -382,7 +383,7 @@ def exact(tuned):
         config = _config(name)
         results[name] = export.export_model(base, config, out / name, arch="digits-cnn", example_input=x[:2])
         recorder = Recorder(apply_approximation(base, config))
-        preds = replay(recorder, x, cache, rows, study.irs.n_p, batch_size=study.certify.batch_size)
+        preds = replay(recorder, inputs, cache, rows, study.irs.n_p, batch_size=study.certify.batch_size)
         expected[name] = (preds, torch.cat(recorder.classes).numpy())
         if batches is None:
             batches = recorder.batches

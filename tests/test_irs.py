@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from approxtune.cache import CertifySettings, build_base_cache
+from approxtune.cache import CacheError, CertifySettings, build_base_cache
 from approxtune.data import Inputs
 from approxtune.irs import IRSRun, IRSSettings, Mode, Zeta, certify_irs, estimate_zeta, replay, signed_room, signed_zeta
 from approxtune.statistics import lower_confidence_bound, radius, upper_confidence_bound
@@ -41,16 +41,16 @@ def perturbed(model, scale):
 def test_replaying_f_itself_reproduces_the_cached_predictions_exactly(base):
     model, inputs, cache = base
     rows = np.arange(len(cache))
-    preds = replay(model, inputs.x, cache, rows, N, batch_size=77)
+    preds = replay(model, inputs, cache, rows, N, batch_size=77)
     assert np.array_equal(preds, cache.predictions)
-    zeta = estimate_zeta(model, inputs.x, cache, N_P, 0.001)
+    zeta = estimate_zeta(model, inputs, cache, N_P, 0.001)
     np.testing.assert_allclose(zeta, 1 - 0.001 ** (1 / N_P))  # the zero-disagreement floor
 
 
 def test_irs_of_f_itself(base):
     model, inputs, cache = base
     settings = IRSSettings(n_p=N_P, alpha_zeta=0.001, alpha_d=0.001, mode=Mode.MAX)
-    result = certify_irs(model, inputs.x, cache, settings)
+    result = certify_irs(model, inputs, cache, settings)
     ok = cache.certified
     assert np.array_equal(result.evaluated, ok)
     assert result.samples == ok.sum() * N_P
@@ -71,9 +71,9 @@ def test_irs_of_an_approximation_matches_the_definition(base, rule):
     model, inputs, cache = base
     approx = perturbed(model, 0.3)
     settings = IRSSettings(n_p=N_P, alpha_zeta=0.0005, alpha_d=0.0005, mode=Mode.MAX, zeta=rule)
-    result = certify_irs(approx, inputs.x, cache, settings, batch_size=50)
+    result = certify_irs(approx, inputs, cache, settings, batch_size=50)
     rows = np.flatnonzero(cache.certified)
-    preds = replay(approx, inputs.x, cache, rows, N_P)
+    preds = replay(approx, inputs, cache, rows, N_P)
     f_preds = np.asarray(cache.predictions[rows, :N_P])
     c_hat = cache.c_hat[rows, None]
     dis = (preds != f_preds).sum(1)
@@ -90,7 +90,7 @@ def test_irs_of_an_approximation_matches_the_definition(base, rule):
     else:
         zeta = upper_confidence_bound(losses if rule is Zeta.LOSS else dis, N_P, 0.0005)
     np.testing.assert_allclose(result.zeta[rows], zeta)
-    np.testing.assert_allclose(estimate_zeta(approx, inputs.x, cache, N_P, 0.0005, rule)[rows], zeta)
+    np.testing.assert_allclose(estimate_zeta(approx, inputs, cache, N_P, 0.0005, rule)[rows], zeta)
     r_zeta = radius(cache.p_a[rows] - zeta, SIGMA)
     r_direct = radius(lower_confidence_bound((preds == c_hat).sum(1), N_P, 0.0005), SIGMA)
     np.testing.assert_allclose(result.radius[rows], np.maximum(r_zeta, r_direct))
@@ -104,7 +104,7 @@ def test_counting_losses_never_certifies_less(base):
     model, inputs, cache = base
     approx = perturbed(model, 0.3)
     by_rule = {
-        rule: certify_irs(approx, inputs.x, cache, IRSSettings(n_p=N_P, mode=Mode.GAMMA, gamma=1.0, zeta=rule))
+        rule: certify_irs(approx, inputs, cache, IRSSettings(n_p=N_P, mode=Mode.GAMMA, gamma=1.0, zeta=rule))
         for rule in Zeta
     }
     loss, paper = by_rule[Zeta.LOSS], by_rule[Zeta.DISAGREEMENT]
@@ -120,8 +120,8 @@ def test_gamma_mode_switches_on_cached_p_a(base):
     rows = np.flatnonzero(cache.certified)
     gamma = float(np.median(cache.p_a[rows]))
     settings = IRSSettings(n_p=N_P, alpha_zeta=0.001, alpha_d=0.002, mode=Mode.GAMMA, gamma=gamma, zeta="disagreement")
-    result = certify_irs(approx, inputs.x, cache, settings)
-    preds = replay(approx, inputs.x, cache, rows, N_P)
+    result = certify_irs(approx, inputs, cache, settings)
+    preds = replay(approx, inputs, cache, rows, N_P)
     zeta = upper_confidence_bound((preds != cache.predictions[rows, :N_P]).sum(1), N_P, 0.001)
     r_zeta = radius(cache.p_a[rows] - zeta, SIGMA)
     r_direct = radius(lower_confidence_bound((preds == cache.c_hat[rows, None]).sum(1), N_P, 0.002), SIGMA)
@@ -143,7 +143,7 @@ def test_defaults_are_tail_mode_at_total_level_alpha_plus_0_001():
 def test_bad_settings(base):
     model, inputs, cache = base
     with pytest.raises(ValueError, match="exceeds the cache's n"):
-        certify_irs(model, inputs.x, cache, IRSSettings(n_p=N + 1, mode=Mode.MAX))
+        certify_irs(model, inputs, cache, IRSSettings(n_p=N + 1, mode=Mode.MAX))
     with pytest.raises(ValueError, match="alpha_zeta"):
         IRSSettings(n_p=10, alpha_zeta=0.5)
     with pytest.raises(ValueError, match="n_p"):
@@ -151,13 +151,35 @@ def test_bad_settings(base):
     with pytest.raises(ValueError, match="gamma"):
         IRSSettings(n_p=10, gamma=0.4)
     with pytest.raises(ValueError, match="inputs given"):
-        certify_irs(model, inputs.x[:3], cache, IRSSettings(n_p=10))
+        certify_irs(model, inputs.head(3), cache, IRSSettings(n_p=10))
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_inputs_in_another_order_are_refused(base, mode):
+    """Replaying the cache with inputs in another order would pair each input with another input's noise and cached
+    predictions: every entry point refuses inputs whose fingerprint is not the cache's."""
+    model, inputs, cache = base
+    order = np.roll(np.arange(len(inputs)), 1)
+    swapped = Inputs(inputs.x[order], inputs.y[order], inputs.index[order])
+    settings = IRSSettings(n_p=N_P, mode=mode)
+    calls = [
+        lambda: certify_irs(model, swapped, cache, settings),
+        lambda: IRSRun(model, swapped, cache, settings),
+        lambda: replay(model, swapped, cache, np.arange(3), N_P),
+        lambda: estimate_zeta(model, swapped, cache, N_P, 0.001),
+    ]
+    for call in calls:
+        with pytest.raises(CacheError, match="not the ones this cache certified"):
+            call()
+    relabelled = Inputs(inputs.x, inputs.y.roll(1), inputs.index)
+    with pytest.raises(CacheError, match="not the ones this cache certified"):
+        certify_irs(model, relabelled, cache, settings)
 
 
 def test_no_certified_input_gives_zero_radii_without_sampling(base):
     model, inputs, cache = base
     empty = dataclasses.replace(cache, c_hat=(cache.label + 1) % 3)
-    result = certify_irs(model, inputs.x, empty, IRSSettings(n_p=N_P))
+    result = certify_irs(model, inputs, empty, IRSSettings(n_p=N_P))
     assert result.samples == 0 and result.acr == 0.0 and not result.evaluated.any()
 
 
@@ -176,9 +198,9 @@ def test_staged_run_ends_where_one_shot_ends_and_its_upper_bound_holds(base, set
     """IRSRun in stages: certify_irs's certificate, no sample twice, upper_acr >= the final ACR at every stage."""
     model, inputs, cache = base
     approx = perturbed(model, 0.3)
-    one_shot = certify_irs(approx, inputs.x, cache, settings)
+    one_shot = certify_irs(approx, inputs, cache, settings)
     evaluated = []
-    run = IRSRun(approx, inputs.x, cache, settings, progress=evaluated.append)
+    run = IRSRun(approx, inputs, cache, settings, progress=evaluated.append)
     bounds = [run.upper_acr()]
     for fraction in (0.1, 0.3, 0.3, 0.6):
         run.extend(fraction)
@@ -200,11 +222,11 @@ def test_staged_run_ends_where_one_shot_ends_and_its_upper_bound_holds(base, set
 def test_upper_acr_is_reached_when_every_remaining_sample_agrees(base):
     """The bound is tight: for f itself (no disagreement, every sample as cached) it is the final ACR at every stage."""
     model, inputs, cache = base
-    run = IRSRun(model, inputs.x, cache, IRSSettings(n_p=N_P))
+    run = IRSRun(model, inputs, cache, IRSSettings(n_p=N_P))
     start = run.upper_acr()
     final = run.result().acr
     # f agrees with itself, but predicts c_hat only where it did on the cached samples: the bound assumes c_hat on
     # every remaining sample, so it may exceed the direct radius; the zeta radius it reaches exactly.
     assert start >= final
-    zeta_only = IRSRun(model, inputs.x, cache, IRSSettings(n_p=N_P, mode=Mode.GAMMA, gamma=1.0))
+    zeta_only = IRSRun(model, inputs, cache, IRSSettings(n_p=N_P, mode=Mode.GAMMA, gamma=1.0))
     assert zeta_only.upper_acr() == pytest.approx(zeta_only.result().acr)

@@ -125,7 +125,7 @@ def small(tmp_path_factory):
 def test_tail_mode_matches_its_definition_and_reports_its_level(small):
     _, approx, inputs, cache = small
     settings = IRSSettings(n_p=100, alpha_zeta=0.001, alpha_d=0.002, mode="tail", n_tail=400)
-    res = certify_irs(approx, inputs.x, cache, settings, batch_size=64)
+    res = certify_irs(approx, inputs, cache, settings, batch_size=64)
     assert res.alpha == pytest.approx(ALPHA + 0.002) and res.n_tail == 400
     gated = np.flatnonzero(cache.certified)
     assert res.samples == res.counts.sum() <= 100 * len(gated)
@@ -139,7 +139,7 @@ def test_tail_mode_matches_its_definition_and_reports_its_level(small):
     # By hand: each input's own count of replayed samples, bounds at that count, the branch fixed beforehand.
     for i in np.flatnonzero(res.evaluated):
         k = int(res.counts[i])
-        preds = irs.replay(approx, inputs.x, cache, np.array([i]), k)[0]
+        preds = irs.replay(approx, inputs, cache, np.array([i]), k)[0]
         dis = int((preds != cache.predictions[i, :k]).sum())
         losses = int(((cache.predictions[i, :k] == cache.c_hat[i]) & (preds != cache.c_hat[i])).sum())
         hits = int((preds == cache.c_hat[i]).sum())
@@ -154,17 +154,17 @@ def test_tail_mode_matches_its_definition_and_reports_its_level(small):
 def test_n_p_reaching_into_the_tail_is_refused(small):
     _, approx, inputs, cache = small
     with pytest.raises(ValueError, match="reaches into the tail"):
-        certify_irs(approx, inputs.x, cache, IRSSettings(n_p=201, mode="tail", n_tail=400))
+        certify_irs(approx, inputs, cache, IRSSettings(n_p=201, mode="tail", n_tail=400))
     with pytest.raises(ValueError, match="reaches into the tail"):
-        certify_irs(approx, inputs.x, cache, IRSSettings(n_p=N // 2 + 1, mode="tail"))  # default tail: n / 2
+        certify_irs(approx, inputs, cache, IRSSettings(n_p=N // 2 + 1, mode="tail"))  # default tail: n / 2
     with pytest.raises(ValueError, match="n_tail"):
-        certify_irs(approx, inputs.x, cache, IRSSettings(n_p=10, mode="tail", n_tail=N))
+        certify_irs(approx, inputs, cache, IRSSettings(n_p=10, mode="tail", n_tail=N))
     with pytest.raises(ValueError, match="pilot"):
-        certify_irs(approx, inputs.x, cache, IRSSettings(n_p=10, mode="tail", pilot=10))
+        certify_irs(approx, inputs, cache, IRSSettings(n_p=10, mode="tail", pilot=10))
     with pytest.raises(ValueError, match="n_tail"):
         IRSSettings(n_p=10, n_tail=0)
     # The modes that do not reserve a tail may replay all n samples, as before.
-    certify_irs(approx, inputs.x, cache, IRSSettings(n_p=N, mode="max"))
+    certify_irs(approx, inputs, cache, IRSSettings(n_p=N, mode="max"))
 
 
 @pytest.mark.parametrize("pilot", [0, 8])
@@ -179,7 +179,7 @@ def test_replay_never_reads_the_tail(small, monkeypatch, pilot):
 
     monkeypatch.setattr(irs, "predict_under_noise", spy)
     settings = IRSSettings(n_p=150, mode="tail", n_tail=400, pilot=pilot)
-    res = certify_irs(approx, inputs.x, cache, settings)
+    res = certify_irs(approx, inputs, cache, settings)
     replays = [(a, b) for a, b in calls if np.all(a == 0)]
     pilots = [(a, b) for a, b in calls if np.any(a != 0)]
     assert len(replays) == 1 and replays[0][1].max() <= N - 400
@@ -194,14 +194,14 @@ def test_decisions_ignore_the_replayed_prefix(small, pilot):
     """Counts and branches are the same whatever f's cached prefix holds and whatever f^p does there."""
     model, approx, inputs, cache = small
     settings = IRSSettings(n_p=100, mode="tail", n_tail=400, pilot=pilot)
-    a = certify_irs(approx, inputs.x, dataclasses.replace(cache), settings)  # a fresh memo: the plan is computed
+    a = certify_irs(approx, inputs, dataclasses.replace(cache), settings)  # a fresh memo: the plan is computed
     scrambled = np.array(cache.predictions)
     scrambled[:, : N - 400] = np.random.default_rng(3).integers(0, 3, size=(len(cache), N - 400))
-    b = certify_irs(approx, inputs.x, dataclasses.replace(cache, predictions=scrambled), settings)
+    b = certify_irs(approx, inputs, dataclasses.replace(cache, predictions=scrambled), settings)
     np.testing.assert_array_equal(a.counts, b.counts)
     np.testing.assert_array_equal(a.branch_direct, b.branch_direct)
     if pilot == 0:  # without a pilot f^p plays no part in the decisions at all
-        c = certify_irs(model, inputs.x, dataclasses.replace(cache), settings)
+        c = certify_irs(model, inputs, dataclasses.replace(cache), settings)
         np.testing.assert_array_equal(a.counts, c.counts)
         np.testing.assert_array_equal(a.branch_direct, c.branch_direct)
 
@@ -213,17 +213,17 @@ def test_the_plan_without_a_pilot_is_computed_once_per_cache(small, monkeypatch)
     real = irs._plan_from_tail
     monkeypatch.setattr(irs, "_plan_from_tail", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     settings = IRSSettings(n_p=100, mode="tail", n_tail=400)
-    first, second = (certify_irs(approx, inputs.x, cache, settings) for _ in range(2))
+    first, second = (certify_irs(approx, inputs, cache, settings) for _ in range(2))
     assert len(calls) == 1, "the second trial reuses the plan"
     for key in ("radius", "counts", "branch_direct", "losses"):
         np.testing.assert_array_equal(getattr(first, key), getattr(second, key))
     rows, counts, branch, _, _ = cache.memo[("tail plan", settings)]
     assert not (rows.flags.writeable or counts.flags.writeable or branch.flags.writeable)
-    certify_irs(approx, inputs.x, cache, dataclasses.replace(settings, n_p=50))
-    certify_irs(approx, inputs.x, cache, dataclasses.replace(settings, pilot=8))
-    certify_irs(approx, inputs.x, cache, dataclasses.replace(settings, pilot=8))
+    certify_irs(approx, inputs, cache, dataclasses.replace(settings, n_p=50))
+    certify_irs(approx, inputs, cache, dataclasses.replace(settings, pilot=8))
+    certify_irs(approx, inputs, cache, dataclasses.replace(settings, pilot=8))
     assert len(calls) == 4, "other settings get their own plan; a pilot's plan depends on f^p and is never reused"
-    fresh = certify_irs(approx, inputs.x, dataclasses.replace(cache), settings)
+    fresh = certify_irs(approx, inputs, dataclasses.replace(cache), settings)
     np.testing.assert_array_equal(fresh.radius, first.radius)
 
 
@@ -231,12 +231,12 @@ def test_uniform_tail_mode_gives_every_input_n_p(small):
     """Every certified input gets n_p, except those whose radius is 0 whatever f^p does: the zeta branch with
     p_a - UCB(0, n_p, alpha_zeta) <= 1/2, which are not replayed at all."""
     _, approx, inputs, cache = small
-    settings = IRSSettings(n_p=120, mode="tail", n_tail=300, allocate=False)
-    res = certify_irs(approx, inputs.x, cache, settings)
-    assert np.all(res.counts[res.evaluated] == 120) and res.samples == 120 * res.evaluated.sum()
+    settings = IRSSettings(n_p=40, mode="tail", n_tail=300, allocate=False)
+    res = certify_irs(approx, inputs, cache, settings)
+    assert np.all(res.counts[res.evaluated] == 40) and res.samples == 40 * res.evaluated.sum()
     skipped = cache.certified & ~res.evaluated
     assert skipped.any(), "no input is skipped: the check below would not see a wrong skip"
-    floor = upper_confidence_bound(np.zeros(1), 120, settings.alpha_zeta)
+    floor = upper_confidence_bound(np.zeros(1), 40, settings.alpha_zeta)
     assert np.all(cache.p_a[skipped] - floor <= 0.5) and np.all(res.radius[skipped] == 0)
     assert IRSSettings(n_p=1, mode=Mode.TAIL, alpha_zeta=0.002, alpha_d=0.001).total_alpha(0.001) == 0.003
 
@@ -310,7 +310,7 @@ def test_tail_mode_radius_coverage(engine, variant):
         "allocated-disagreement": {"zeta": "disagreement"},
     }[variant]
     settings = _settings(**kw)
-    res = certify_irs(fp, inputs.x, cache, settings)
+    res = certify_irs(fp, inputs, cache, settings)
     stated = res.alpha
     assert stated == pytest.approx(ALPHA_E + max(ALPHA_ZETA, ALPHA_D))
     ev = res.evaluated
@@ -342,7 +342,7 @@ def test_leaky_variants_are_measured_and_caught(engine):
     """Branch or count chosen from the replayed prefix instead of the tail."""
     _, fp, truth, inputs, cache = engine
     rows = np.flatnonzero(cache.certified)
-    preds_p = irs.replay(fp, inputs.x, cache, rows, K)
+    preds_p = irs.replay(fp, inputs, cache, rows, K)
     preds_f = np.asarray(cache.predictions[rows, :K])
     c_hat = cache.c_hat[rows]
     hits_p = preds_p == c_hat[:, None]

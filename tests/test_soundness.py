@@ -417,20 +417,20 @@ def _engine(tmp_path_factory: pytest.TempPathFactory, rule: Zeta) -> Engine:
     settings = CertifySettings(sigma=SIGMA, n0=N0, n=N, alpha=ALPHA, seed=RUN_SEED)
     cache = build_base_cache(f, inputs, tmp_path_factory.mktemp("soundness") / "cache", settings)
     rows = np.arange(ENGINE_REPS)
-    preds_p = replay(fp, inputs.x, cache, rows, N_P)
+    preds_p = replay(fp, inputs, cache, rows, N_P)
     preds_f = np.asarray(cache.predictions[:, :N_P])
     counted = preds_p != preds_f
     if rule is Zeta.LOSS:
         counted &= preds_f == cache.c_hat[:, None]
     counted = counted.sum(axis=1)
-    zeta_hat = estimate_zeta(fp, inputs.x, cache, N_P, ALPHA_ZETA, rule)
+    zeta_hat = estimate_zeta(fp, inputs, cache, N_P, ALPHA_ZETA, rule)
 
     # gamma between the two branches: the cached p_A of a typical repetition, so that both are taken often.
     gamma = float(lower_confidence_bound(round(N * truth.p_f), N, ALPHA))
     irs = {
         mode: certify_irs(
             fp,
-            inputs.x,
+            inputs,
             cache,
             IRSSettings(n_p=N_P, alpha_zeta=ALPHA_ZETA, alpha_d=ALPHA_D, mode=mode, gamma=gamma, zeta=rule),
         )
@@ -608,7 +608,7 @@ def test_signed_zeta_and_radius_coverage(loss_engine: Engine, mode: str) -> None
     e = loss_engine
     t, cache = e.truth, e.cache
     truth = t.prob_f(cache.c_hat) - t.prob_p(cache.c_hat)
-    zeta = estimate_zeta(e.fp, e.inputs.x, cache, N_P, ALPHA_ZETA, Zeta.SIGNED)
+    zeta = estimate_zeta(e.fp, e.inputs, cache, N_P, ALPHA_ZETA, Zeta.SIGNED)
     assert np.all(zeta >= -(1 - cache.p_a) / 2)
     assert_sound(coverage("engine zeta (signed, betting)", zeta < truth, ALPHA_ZETA))
     c_hat = cache.c_hat[:, None]
@@ -621,7 +621,7 @@ def test_signed_zeta_and_radius_coverage(loss_engine: Engine, mode: str) -> None
     settings = IRSSettings(
         n_p=N_P, alpha_zeta=ALPHA_ZETA, alpha_d=ALPHA_D, mode=mode, gamma=e.gamma, zeta=Zeta.SIGNED, allocate=False
     )
-    res = certify_irs(e.fp, e.inputs.x, cache, settings)
+    res = certify_irs(e.fp, e.inputs, cache, settings)
     assert res.alpha == pytest.approx(settings.total_alpha(ALPHA))
     assert res.evaluated.mean() > 0.9
     if mode != "tail":  # tail mode replays the same first N_P samples: its zeta is the one estimate_zeta computed
