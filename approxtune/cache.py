@@ -58,14 +58,14 @@ __all__ = [
     "FORMAT_VERSION",
     "BaseCache",
     "CacheError",
-    "NoiseMismatchError",
     "CacheMeta",
     "CertifySettings",
+    "NoiseMismatchError",
     "ShardResult",
     "build_base_cache",
     "cache_meta",
-    "check_noise",
     "certify_shard",
+    "check_noise",
     "chunk_ranges",
     "load_cache",
     "merge_base_cache",
@@ -100,7 +100,9 @@ def _check_format(data: dict, what: str, fix: str = _RECERTIFY) -> None:
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         why = _FORMAT_HINTS.get(version, "written by another approxtune")
-        raise CacheError(f"{what} has cache format {version}, this approxtune reads format {FORMAT_VERSION} ({why}): {fix}")
+        raise CacheError(
+            f"{what} has cache format {version}, this approxtune reads format {FORMAT_VERSION} ({why}): {fix}"
+        )
 
 
 def check_noise(meta: CacheMeta, what: str) -> None:
@@ -109,9 +111,10 @@ def check_noise(meta: CacheMeta, what: str) -> None:
     if meta.noise_generator != NOISE_GENERATOR or meta.noise_canary != canary():
         generator = "the same generator" if meta.noise_generator == NOISE_GENERATOR else repr(NOISE_GENERATOR)
         raise NoiseMismatchError(
-            f"{what} was certified with noise that this installation cannot reproduce (its canary {meta.noise_canary[:16]}, "
-            f"here {canary()[:16]} with {generator} and numpy {np.__version__}), so replaying it would certify against "
-            "other noise: use the approxtune and numpy that built it, or remove it and certify again"
+            f"{what} was certified with noise that this installation cannot reproduce (its canary "
+            f"{meta.noise_canary[:16]}, here {canary()[:16]} with {generator} and numpy {np.__version__}), so "
+            "replaying it would certify against other noise: use the approxtune and numpy that built it, or remove it "
+            "and certify again"
         )
 
 

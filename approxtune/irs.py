@@ -120,8 +120,8 @@ import torch
 from torch import nn
 
 from approxtune.cache import BaseCache
-from approxtune.data import Inputs
 from approxtune.certification import DEFAULT_BATCH_SIZE, Progress, predict_under_noise
+from approxtune.data import Inputs
 from approxtune.noise import Stream
 from approxtune.statistics import (
     acr,

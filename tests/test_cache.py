@@ -368,7 +368,7 @@ def test_irs_inputs_must_be_the_cache_inputs_in_cache_order(tmp_path):
     cache.check_inputs(inputs)
     order = np.array([1, 0, *range(2, 10)])
     swapped = Inputs(inputs.x[order], inputs.y[order], inputs.index[order])
-    with pytest.raises(CacheError, match="not the ones this cache certified .*in the cache's order"):
+    with pytest.raises(CacheError, match=r"not the ones this cache certified .*in the cache's order"):
         cache.check_inputs(swapped)
     with pytest.raises(CacheError, match="3 inputs given for a cache of 10 inputs"):
         cache.check_inputs(inputs.head(3))
