@@ -320,6 +320,7 @@ def study_attrs(study: Study, cache: BaseCache, base_accuracy: float, model: nn.
     i = study.irs
     return {
         "cache_fingerprint": cache_fingerprint(cache),
+        "cache_format": cache.meta.format_version,
         "sigma": cache.meta.sigma,
         "n": cache.meta.n,
         "alpha": cache.meta.alpha,
@@ -343,6 +344,7 @@ def study_attrs(study: Study, cache: BaseCache, base_accuracy: float, model: nn.
 
 CHECKED_ATTRS = (
     "cache_fingerprint",
+    "cache_format",
     "sigma",
     "n",
     "alpha",
@@ -353,8 +355,9 @@ CHECKED_ATTRS = (
     "irs_zeta",
     "gamma",
 )
-RECORDED_BEFORE = {"irs_zeta": "disagreement"}
-"""What a study created before an attribute was recorded ran with (zeta counted disagreements until irs.zeta)."""
+RECORDED_BEFORE = {"irs_zeta": "disagreement", "cache_format": 1}
+"""What a study created before an attribute was recorded ran with (zeta counted disagreements until irs.zeta; its
+trials were certified against a cache of format 1 until the format was recorded)."""
 TAIL_ATTRS = ("n_tail", "allocate", "block", "pilot")
 """Checked on resume as well when the IRS mode is "tail" (the other modes ignore them)."""
 
@@ -550,7 +553,13 @@ def _check_recorded(study: Study, recorded: dict, attrs: dict) -> None:
     if not diffs:
         return
     hint = ""
-    if recorded.get("cache_fingerprint") != attrs["cache_fingerprint"]:
+    if recorded["cache_format"] != attrs["cache_format"]:
+        hint = (
+            f"\nThe study's trials were certified against a base cache of format {recorded['cache_format']}, whose "
+            f"noise this approxtune no longer draws (it reads format {attrs['cache_format']}): their certificates "
+            "cannot be mixed with new ones."
+        )
+    elif recorded.get("cache_fingerprint") != attrs["cache_fingerprint"]:
         hint = (
             "\nThis worker's base cache is not the one the study was run against: every worker must read the same "
             "cache (same model checkpoint, inputs and certify settings). Put the study's output_dir on storage all "

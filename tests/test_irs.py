@@ -6,8 +6,10 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from _mutants import mutant
 from torch import nn
 
+from approxtune import irs as irs_mod
 from approxtune.cache import CacheError, CertifySettings, build_base_cache
 from approxtune.data import Inputs
 from approxtune.irs import IRSRun, IRSSettings, Mode, Zeta, certify_irs, estimate_zeta, replay, signed_room, signed_zeta
@@ -215,7 +217,7 @@ def test_staged_run_ends_where_one_shot_ends_and_its_upper_bound_holds(base, set
     assert all(b >= staged.acr for b in bounds)
     assert all(a >= b for a, b in itertools.pairwise(bounds))  # more samples seen: a tighter bound
     assert bounds[0] > staged.acr  # the perturbation costs radius that the bound before any sample cannot see
-    assert run.upper_acr() == pytest.approx(staged.acr)
+    assert run.upper_acr() == staged.acr, "finished: the bound is the ACR, bit for bit"
     np.testing.assert_array_equal(staged.zeta, one_shot.zeta)
 
 
@@ -229,4 +231,54 @@ def test_upper_acr_is_reached_when_every_remaining_sample_agrees(base):
     # every remaining sample, so it may exceed the direct radius; the zeta radius it reaches exactly.
     assert start >= final
     zeta_only = IRSRun(model, inputs, cache, IRSSettings(n_p=N_P, mode=Mode.GAMMA, gamma=1.0))
-    assert zeta_only.upper_acr() == pytest.approx(zeta_only.result().acr)
+    assert zeta_only.upper_acr() == zeta_only.result().acr, "bit for bit: a twin must never dominate it"
+
+
+def _gaining_run(tmp_path_factory):
+    """A cache of f, P(f = 1) about 0.75, and f^p with a higher class-1 bias (about 0.97): f^p's class-1 region holds
+    f's, so f^p never loses c_hat and gains it on about a fifth of the samples; the signed zeta is negative."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].weight[1, 0] = 1.0
+        model[1].bias.copy_(torch.tensor([0.0, 0.34]))
+    x = torch.zeros(12, 1, 4, 4)
+    inputs = Inputs(x, torch.ones(12, dtype=torch.int64), np.arange(12))
+    settings = CertifySettings(sigma=0.5, n0=32, n=N, alpha=ALPHA, seed=4)
+    cache = build_base_cache(model, inputs, tmp_path_factory.mktemp("gains") / "c", settings)
+    better = __import__("copy").deepcopy(model)
+    with torch.no_grad():
+        better[1].bias[1] = 0.95
+    return better, inputs, cache
+
+
+def stage_bounds_minus_final(model_p, inputs, cache, settings):
+    """upper_acr at every racing stage minus the final ACR (a sound bound: never negative)."""
+    run = IRSRun(model_p, inputs, cache, settings)
+    bounds = [run.upper_acr()]
+    for fraction in (0.125, 0.25, 0.5, 0.75):
+        run.extend(fraction)
+        bounds.append(run.upper_acr())
+    return np.array(bounds) - run.result().acr
+
+
+SIGNED_RACE = [
+    IRSSettings(n_p=N_P, mode=Mode.GAMMA, gamma=1.0, zeta=Zeta.SIGNED),
+    IRSSettings(n_p=N_P, mode=Mode.MAX, zeta=Zeta.SIGNED),
+]
+
+
+@pytest.mark.parametrize("settings", SIGNED_RACE, ids=["zeta-branch", "max"])
+def test_the_signed_bound_allows_for_gains_on_the_samples_still_to_come(tmp_path_factory, settings):
+    model_p, inputs, cache = _gaining_run(tmp_path_factory)
+    result = certify_irs(model_p, inputs, cache, settings)
+    assert result.evaluated.all() and np.all(result.zeta < 0) and result.acr > cache.summary()["acr"]
+    assert np.all(stage_bounds_minus_final(model_p, inputs, cache, settings) >= 0)
+
+
+def test_a_signed_bound_that_ignores_gains_is_caught(tmp_path_factory, monkeypatch):
+    """Mutant: racing's optimistic signed zeta takes every sample still to come as at best an agreement."""
+    bad = mutant(signed_zeta, "np.where(f_hits, 0.5, 1.0)", "np.where(f_hits, 0.5, 0.5)")
+    monkeypatch.setattr(irs_mod, "signed_zeta", bad)
+    model_p, inputs, cache = _gaining_run(tmp_path_factory)
+    assert np.any(stage_bounds_minus_final(model_p, inputs, cache, SIGNED_RACE[0]) < 0)

@@ -19,6 +19,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from _mutants import mutant
 from scipy.optimize import brentq
 from scipy.stats import norm
 from test_soundness import (
@@ -189,21 +190,51 @@ def test_replay_never_reads_the_tail(small, monkeypatch, pilot):
     assert res.samples == res.counts.sum() + pilot * cache.certified.sum() <= 150 * cache.certified.sum()
 
 
+def _with_prefix(cache, predictions):
+    """``cache`` with other predictions on the replayed prefix and, from them, the count and p_a CERTIFY computes."""
+    count = (predictions == cache.c_hat[:, None]).sum(axis=1)
+    p_a = lower_confidence_bound(count, N, ALPHA)
+    return dataclasses.replace(cache, predictions=predictions, count=count, p_a=p_a, radius=radius(p_a, SIG))
+
+
+def plans_under_other_prefixes(small, pilot):
+    """Tail mode's certificates on the cache, and on two caches whose replayed prefix differs: random classes (count
+    and p_a as they were), and c_hat on every prefix sample of the certified inputs with the count and p_a CERTIFY
+    would compute from that (higher, while the gate, c_hat = label and p_a > 1/2, stays as it is)."""
+    _, approx, inputs, cache = small
+    settings = IRSSettings(n_p=100, mode="tail", n_tail=400, pilot=pilot)
+    prefix = np.arange(N) < N - 400
+    scrambled = np.array(cache.predictions)
+    scrambled[:, prefix] = np.random.default_rng(3).integers(0, 3, size=(len(cache), N - 400))
+    hits = np.array(cache.predictions)
+    hits[np.ix_(cache.certified, prefix)] = cache.c_hat[cache.certified, None]
+    caches = [dataclasses.replace(cache), dataclasses.replace(cache, predictions=scrambled), _with_prefix(cache, hits)]
+    assert np.array_equal(caches[2].certified, cache.certified) and np.any(caches[2].p_a != cache.p_a)
+    return [certify_irs(approx, inputs, c, settings) for c in caches]  # each a fresh memo: the plan is computed
+
+
 @pytest.mark.parametrize("pilot", [0, 8])
 def test_decisions_ignore_the_replayed_prefix(small, pilot):
     """Counts and branches are the same whatever f's cached prefix holds and whatever f^p does there."""
-    model, approx, inputs, cache = small
-    settings = IRSSettings(n_p=100, mode="tail", n_tail=400, pilot=pilot)
-    a = certify_irs(approx, inputs, dataclasses.replace(cache), settings)  # a fresh memo: the plan is computed
-    scrambled = np.array(cache.predictions)
-    scrambled[:, : N - 400] = np.random.default_rng(3).integers(0, 3, size=(len(cache), N - 400))
-    b = certify_irs(approx, inputs, dataclasses.replace(cache, predictions=scrambled), settings)
-    np.testing.assert_array_equal(a.counts, b.counts)
-    np.testing.assert_array_equal(a.branch_direct, b.branch_direct)
+    model, _, inputs, cache = small
+    plans = plans_under_other_prefixes(small, pilot)
+    for other in plans[1:]:
+        np.testing.assert_array_equal(plans[0].counts, other.counts)
+        np.testing.assert_array_equal(plans[0].branch_direct, other.branch_direct)
     if pilot == 0:  # without a pilot f^p plays no part in the decisions at all
+        settings = IRSSettings(n_p=100, mode="tail", n_tail=400)
         c = certify_irs(model, inputs, dataclasses.replace(cache), settings)
-        np.testing.assert_array_equal(a.counts, c.counts)
-        np.testing.assert_array_equal(a.branch_direct, c.branch_direct)
+        np.testing.assert_array_equal(plans[0].counts, c.counts)
+        np.testing.assert_array_equal(plans[0].branch_direct, c.branch_direct)
+
+
+@pytest.mark.parametrize("reads", ["cache.count[gated] / n", "cache.p_a[gated]"])
+def test_a_plan_that_reads_the_replayed_prefix_is_caught(small, monkeypatch, reads):
+    """Mutants: tail mode's frequency of c_hat read from count or p_a, which CERTIFY computed on the prefix too."""
+    bad = mutant(irs._plan_from_tail, "q = tail_frequency(cache, gated, n_tail)", f"q = {reads}")
+    monkeypatch.setattr(irs, "_plan_from_tail", bad)
+    plans = plans_under_other_prefixes(small, 0)
+    assert any(not np.array_equal(plans[0].counts, p.counts) for p in plans[1:])
 
 
 def test_the_plan_without_a_pilot_is_computed_once_per_cache(small, monkeypatch):

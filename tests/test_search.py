@@ -5,6 +5,7 @@ import dataclasses
 import optuna
 import pytest
 import torch
+from _mutants import mutant
 from _studies import tiny_study
 
 from approxtune import pipeline, search
@@ -114,20 +115,45 @@ def _one_layer(layer, precision):
     return params
 
 
+TIES = [_one_layer("fc1", "fp16"), _one_layer("fc1", "bf16")]
+"""fp16 or bf16 weights in the largest layer lose nothing here: the two trials tie (same ACR, accuracy and size) on
+the front."""
+
+
+def tied_trials_after_racing(setup):
+    """``(plain, raced)``: the tied trials of :data:`TIES` run without and with racing.
+
+    At n_p = 64 the sum of this cache's radii divided by the input count is one float step below their mean, which is
+    how the final ACR averages them: a bound that averaged the other way stopped a trial for its identical twin.
+    """
+    study = dataclasses.replace(setup[0], irs=dataclasses.replace(setup[0].irs, n_p=64))
+    plain = _run(setup, _with(study, race=[]), params=TIES, n_trials=len(TIES))
+    raced = _run(setup, _with(study, race=[0.25, 0.5, 0.75]), params=TIES, n_trials=len(TIES))
+    return plain, raced
+
+
 def test_tied_front_trials_all_survive_racing(setup):
-    """fp16 or bf16 weights in one layer lose nothing here: such trials tie (same ACR, accuracy and size) and are all
-    on the front.  Racing must stop none of them, at any stage, for a complete twin with identical values."""
-    study = setup[0]
-    params = [_one_layer(layer, p) for layer in ("conv1", "fc2") for p in ("fp16", "bf16")]
-    plain = _run(setup, _with(study, race=[]), params=params, n_trials=len(params))
+    """Every tied front trial is still on the front with racing: none is stopped for a twin with identical values."""
+    plain, raced = tied_trials_after_racing(setup)
     values = [tuple(t.values) for t in plain.trials]
-    ties = [t.number for t in plain.trials if values.count(tuple(t.values)) > 1]
-    assert len(ties) >= 2 and set(ties) <= _front_numbers(plain), "the test needs tied trials on the front"
-    raced = _run(setup, _with(study, race=[0.25, 0.5, 0.75]), params=params, n_trials=len(params))
+    ties = {t.number for t in plain.trials if values.count(tuple(t.values)) > 1}
+    assert len(ties) == len(TIES) and ties == _front_numbers(plain), "the test needs tied trials on the front"
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in raced.trials), [
         t.user_attrs.get("stopped") for t in raced.trials
     ]
     assert _front_numbers(raced) == _front_numbers(plain)
+
+
+def test_a_bound_averaged_otherwise_than_the_acr_drops_tied_trials(setup, monkeypatch):
+    """Mutant: upper_acr sums the evaluated inputs' radii and divides (the final ACR is a mean over all inputs)."""
+    bad = mutant(
+        IRSRun.upper_acr,
+        "return acr(self._all_inputs(optimistic))",
+        "return float(optimistic.sum() / len(self.cache))",
+    )
+    monkeypatch.setattr(IRSRun, "upper_acr", bad)
+    plain, raced = tied_trials_after_racing(setup)
+    assert _front_numbers(raced) < _front_numbers(plain)
 
 
 def test_an_infeasible_candidate_stops_before_any_sample(setup):
@@ -169,6 +195,22 @@ def test_a_study_from_before_irs_zeta_resumes_only_with_the_papers_zeta(setup):
     with pytest.raises(search.StudyMismatchError, match="irs_zeta: study has 'disagreement', now 'loss'"):
         search._check_recorded(study, recorded, attrs)
     search._check_recorded(study, recorded, {**attrs, "irs_zeta": "disagreement"})
+
+
+def test_a_study_of_a_format_1_cache_is_refused_with_a_request_for_a_new_study(setup):
+    """Trials certified against format 1's noise must not share a front with trials of this noise."""
+    study, model, _, cache, base_accuracy = setup
+    attrs = search.study_attrs(study, cache, base_accuracy, model)
+    assert attrs["cache_format"] == 2
+    recorded = {k: v for k, v in attrs.items() if k != "cache_format"}  # as studies recorded before format 2
+    recorded["cache_fingerprint"] = "of the format 1 cache"
+    with pytest.raises(search.StudyMismatchError) as refused:
+        search._check_recorded(study, recorded, attrs)
+    message = " ".join(str(refused.value).split())
+    assert "cache_format: study has 1, now 2" in message
+    assert "certified against a base cache of format 1" in message and "cannot be mixed with new ones" in message
+    assert message.endswith("Use a new study name (study.name) or delete the study.")
+    assert "every worker must read the same cache" not in message
 
 
 def test_a_repeated_configuration_takes_the_earlier_result_without_sampling(setup):

@@ -8,7 +8,9 @@ import math
 
 import numpy as np
 import pytest
+from _mutants import mutant
 from scipy.stats import binomtest, norm
+from test_soundness import Coverage, assert_flagged, assert_sound, coverage
 
 from approxtune.statistics import (
     acr,
@@ -237,25 +239,69 @@ def test_betting_bound_against_clopper_pearson_on_zeros_and_ones() -> None:
     assert not np.array_equal(bet, betting_lower_bound(x[:, ::-1], 400, 400, 0.001))
 
 
-def test_betting_bound_with_best_bounds_every_completion() -> None:
-    """With ``best``, the result bounds the final bound of every completion of the values not yet seen."""
+def completion_excess(bound, top: float) -> float:
+    """How far the final bound of some completion of the unseen values exceeds ``bound(..., best=...)``, the upper
+    bound on all of them (0 when it holds): the all-best completion and 20 random ones, 40 rows of 60 values."""
     rng = np.random.default_rng(1)
     rows, n, seen = 40, 60, 20
     best = np.where(rng.random((rows, n)) < 0.2, 1.0, 0.5)
     x = np.minimum(rng.choice([0.0, 0.5, 1.0], size=(rows, n), p=[0.1, 0.8, 0.1]), best)
-    upper = betting_lower_bound(x, seen, n, 0.01, top=0.5, best=best)
-    finals = [betting_lower_bound(x, n, n, 0.01, top=0.5)]
-    finals.append(betting_lower_bound(np.where(np.arange(n) < seen, x, best), n, n, 0.01, top=0.5))
+    upper = bound(x, seen, n, 0.01, top=top, best=best)
+    finals = [betting_lower_bound(x, n, n, 0.01, top=top)]
+    finals.append(betting_lower_bound(np.where(np.arange(n) < seen, x, best), n, n, 0.01, top=top))
     for _ in range(20):
         rest = np.minimum(rng.choice([0.0, 0.5, 1.0], size=(rows, n)), best)
-        finals.append(betting_lower_bound(np.where(np.arange(n) < seen, x, rest), n, n, 0.01, top=0.5))
-    assert np.all(upper[None, :] >= np.array(finals) - 1e-12)
+        finals.append(betting_lower_bound(np.where(np.arange(n) < seen, x, rest), n, n, 0.01, top=top))
+    return float(np.max(np.array(finals) - upper[None, :], initial=0.0))
+
+
+@pytest.mark.parametrize("top", [0.5, 0.5625, 1.0])  # 0.5625: the signed zeta's (1 + SIGNED_REACH) / 2
+def test_betting_bound_with_best_bounds_every_completion(top: float) -> None:
+    """With ``best``, the result bounds the final bound of every completion of the values not yet seen."""
+    assert completion_excess(betting_lower_bound, top) <= 1e-12
+    rng = np.random.default_rng(1)
+    rows, n, seen = 40, 60, 20
+    best = np.where(rng.random((rows, n)) < 0.2, 1.0, 0.5)
+    x = np.minimum(rng.choice([0.0, 0.5, 1.0], size=(rows, n), p=[0.1, 0.8, 0.1]), best)
     # Seen in full, nothing is missing: the same bound.
-    np.testing.assert_array_equal(betting_lower_bound(x, n, n, 0.01, top=0.5, best=best), finals[0])
+    np.testing.assert_array_equal(
+        betting_lower_bound(x, n, n, 0.01, top=top, best=best), betting_lower_bound(x, n, n, 0.01, top=top)
+    )
     # Values past seen are ignored without best.
     np.testing.assert_array_equal(
-        betting_lower_bound(x, seen, n, 0.01), betting_lower_bound(np.where(np.arange(n) < seen, x, 0.0), seen, n, 0.01)
+        betting_lower_bound(x, seen, n, 0.01, top=top),
+        betting_lower_bound(np.where(np.arange(n) < seen, x, 0.0), seen, n, 0.01, top=top),
     )
+
+
+def test_an_optimistic_factor_below_one_is_caught() -> None:
+    """Mutant: a missing value's factor 1 + (BET_CAP / top)(best - m) without its floor at 1 (for best < m the best
+    completion bets nothing there; it cannot be forced to lose)."""
+    bad = mutant(
+        betting_lower_bound,
+        "np.maximum(best_values[None, :] - m[:, None], 0.0)",
+        "(best_values[None, :] - m[:, None])",
+    )
+    assert completion_excess(bad, 0.5625) > 1e-4
+
+
+def betting_coverage(bound) -> Coverage:
+    """The betting bound's miss rate where it is near its level: 20,000 sequences of 100 Bernoulli(0.9) values, alpha
+    = 0.1 (the library bound misses about 0.09 of the time there)."""
+    x = (np.random.default_rng(7).random((20_000, 100)) < 0.9).astype(float)
+    return coverage("betting bound, Bernoulli(0.9), n = 100", bound(x, 100, 100, 0.1) > 0.9, 0.1)
+
+
+def test_betting_bound_coverage_near_its_level() -> None:
+    c = betting_coverage(betting_lower_bound)
+    assert_sound(c)
+    assert c.rate > 0.8 * c.level, "near its level, or the check could not see a bound that is too high"
+
+
+def test_a_stake_that_reads_the_current_value_is_caught() -> None:
+    """Mutant: the stake of value t computed from v_t, which includes X_t (not predictable): misses about 0.16."""
+    bad = mutant(betting_lower_bound, "(n_arr[:, None] * var_before)", "(n_arr[:, None] * var)")
+    assert_flagged(betting_coverage(bad))
 
 
 @pytest.mark.parametrize(
