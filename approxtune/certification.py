@@ -1,8 +1,8 @@
 """Sampling under noise and Cohen et al.'s CERTIFY (Algorithm 1 of the IRS paper).
 
-The hot loop — noise, forward pass, argmax, counts — is batched across samples *and* inputs: noise blocks of
-consecutive inputs are written side by side into one preallocated batch, so a small model runs at close to its bare
-forward-pass throughput however few samples each input needs.
+The hot loop — noise, forward pass, argmax, counts — is batched across samples *and* inputs: the noise blocks of a
+batch (of consecutive inputs) are drawn in one vectorised call and written side by side into one preallocated batch,
+so a small model runs at close to its bare forward-pass throughput however few samples each input needs.
 """
 
 from __future__ import annotations
@@ -56,10 +56,10 @@ def predict_under_noise(
 ) -> np.ndarray:
     """``model``'s predicted class on noise samples ``start .. stop-1`` of every input.
 
-    Sample ``j`` of input ``i`` is ``inputs[i] + sigma * eps_j`` with ``eps_j`` from :mod:`approxtune.noise` (stream
-    ``stream``, seed ``seeds[i]``), so any range is reproducible bit for bit.  ``start`` and ``stop`` are scalars or one
-    value per input.  Returns an array of shape ``(len(inputs), max(stop - start))`` of the smallest unsigned type that
-    holds the class count; entries past an input's own range are 0.  The model is put in eval mode.
+    Sample ``j`` of input ``i`` is ``inputs[i] + sigma * eps_j`` (float32) with ``eps_j`` from :mod:`approxtune.noise`
+    (stream ``stream``, seed ``seeds[i]``, two words), the same bits on any machine.  ``start`` and ``stop`` are scalars
+    or one value per input.  Returns an array of shape ``(len(inputs), max(stop - start))`` of the smallest unsigned
+    type that holds the class count; entries past an input's own range are 0.  The model is put in eval mode.
     """
     n_inputs = len(inputs)
     starts = _per_input(start, n_inputs, "start")

@@ -144,7 +144,7 @@ def test_tied_front_trials_all_survive_racing(setup):
     assert _front_numbers(raced) == _front_numbers(plain)
 
 
-def test_a_bound_averaged_otherwise_than_the_acr_drops_tied_trials(setup, monkeypatch):
+def test_a_bound_averaged_otherwise_than_the_acr_is_caught(setup, monkeypatch):
     """Mutant: upper_acr sums the evaluated inputs' radii and divides (the final ACR is a mean over all inputs)."""
     bad = mutant(
         IRSRun.upper_acr,
