@@ -31,6 +31,7 @@ Noise is always drawn on the CPU in float32, so a model certified on a GPU sees 
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterator
 from decimal import Context
 from enum import IntEnum
@@ -226,15 +227,33 @@ def _piece(gens: list[np.random.Philox], need: np.ndarray) -> tuple[np.ndarray, 
             return np.compress(accept, x), np.add.reduceat(accept, bounds[:-1], dtype=np.int64)
 
 
+_EMPTY_BUFFER = np.zeros(4, dtype=np.uint64)
+_LOCAL = threading.local()
+
+
+def _generators(count: int) -> list[np.random.Philox]:
+    """``count`` Philox objects of this thread, reused from call to call (their state is set before every use)."""
+    pool = getattr(_LOCAL, "pool", [])
+    pool.extend(np.random.Philox(0) for _ in range(count - len(pool)))
+    _LOCAL.pool = pool
+    return pool[:count]
+
+
 def normal_blocks(seeds: np.ndarray, stream: int, block: np.ndarray, count: int) -> np.ndarray:
     """The ``count`` float32 standard normals of block ``block[j]`` of stream ``stream`` of the input whose seed is
     ``seeds[j]``, for every ``j``: shape ``(len(seeds), count)``.  Each row is the same whichever rows come with it."""
     seeds = np.asarray(seeds, dtype=np.uint64).reshape(-1, 2)
     block = np.broadcast_to(np.asarray(block, dtype=np.uint64), (len(seeds),))
-    gens = [
-        np.random.Philox(key=[k0, k1], counter=[0, 0, b, int(stream)])
-        for (k0, k1), b in zip(seeds.tolist(), block.tolist(), strict=True)
-    ]
+    gens = _generators(len(seeds))
+    for gen, (k0, k1), b in zip(gens, seeds.tolist(), block.tolist(), strict=True):
+        gen.state = {  # a fresh generator at (key, counter): 4 times as fast as constructing one
+            "bit_generator": "Philox",
+            "state": {"counter": np.array([0, 0, b, stream], dtype=np.uint64), "key": np.array([k0, k1], np.uint64)},
+            "buffer": _EMPTY_BUFFER,
+            "buffer_pos": 4,
+            "has_uint32": 0,
+            "uinteger": 0,
+        }
     out = np.empty((len(gens), count), dtype=np.float32)
     filled = np.zeros(len(gens), dtype=np.int64)
     active = np.arange(len(gens))

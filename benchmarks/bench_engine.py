@@ -542,7 +542,7 @@ def write(res: dict, prefix: Path, json_too: bool = True) -> None:
 NOISE_MODELS = {  # input shape, batch size of the bare forward pass and of the engine, engine samples
     "digits-cnn": ((1, 8, 8), 512, 4096),
     "cifar_resnet20": ((3, 32, 32), 256, 1024),
-    "resnet50": ((3, 224, 224), 16, 128),
+    "resnet50": ((3, 224, 224), 64, 128),
 }
 
 
@@ -591,10 +591,10 @@ def _noise_vs_forward(name: str, shape: tuple[int, ...], batch: int, samples: in
         predict_under_noise(model, xs, seeds, Stream.ESTIMATION, 0, n, 0.25, batch_size=batch)
 
     pair = np.arange(max(2, blocks))  # at least one block per thread
+    pool = concurrent.futures.ThreadPoolExecutor(2)  # started once, as a generating pool would be
 
     def two_threads() -> None:
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            list(pool.map(draw, [pair[0::2], pair[1::2]]))
+        list(pool.map(draw, [pair[0::2], pair[1::2]]))
 
     bare()  # warm-up
     draw(np.arange(blocks))
@@ -607,10 +607,12 @@ def _noise_vs_forward(name: str, shape: tuple[int, ...], batch: int, samples: in
         "engine": engine,
     }
     rows: dict[str, list] = {k: [] for k in runs}
+    two_threads()  # warm-up: the pool's threads and their generators
     for rnd in range(rounds):
         for key, fn in runs.items():
             rows[key].append(_clocked(fn))
         print(f"[noise] {name} round {rnd + 1}/{rounds}", file=sys.stderr, flush=True)
+    pool.shutdown()
 
     def rate(key: str, units: float, clock: int) -> float:
         return units / _median([r[clock] for r in rows[key]])
