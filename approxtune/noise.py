@@ -21,9 +21,11 @@ floating-point step is an IEEE-754 operation that is correctly rounded by defini
 ``frexp``) and done one ufunc at a time, so no compiler or SIMD path can fuse or approximate it; the logarithm of the
 rare rejection and tail steps is a series evaluated the same way (:func:`_log`), and the layer tables are computed at
 import with :mod:`decimal`, whose ``exp``, ``ln`` and ``sqrt`` are correctly rounded.  The result is the same bits
-on any machine whose numpy provides Philox (numpy >= 1.17; its raw streams are integer code that numpy keeps stable)
-and computes float32/float64 in IEEE arithmetic.  A cache records :data:`NOISE_GENERATOR` and :func:`canary`, and
-refuses to load where the canary cannot be reproduced.
+on any machine whose numpy provides Philox (numpy >= 1.17; its raw output is integer arithmetic) and computes
+float32/float64 in IEEE arithmetic; tests/test_noise.py checks it under every CPU feature setting numpy and torch can
+be given.  The ziggurat is exact: every sample is N(0, 1) up to the float32 rounding of the layer tables (and of the
+sample).  A cache records :data:`NOISE_GENERATOR` and :func:`canary`, and refuses to load where the canary cannot be
+reproduced, so no numpy release can silently change the noise a cache is replayed with.
 
 Noise is always drawn on the CPU in float32, so a model certified on a GPU sees the same noise as on a CPU.
 """

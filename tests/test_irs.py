@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 from _mutants import mutant
+from test_soundness import assert_sound, coverage
 from torch import nn
 
 from approxtune import irs as irs_mod
 from approxtune.cache import CacheError, CertifySettings, build_base_cache
 from approxtune.data import Inputs
 from approxtune.irs import IRSRun, IRSSettings, Mode, Zeta, certify_irs, estimate_zeta, replay, signed_room, signed_zeta
-from approxtune.statistics import lower_confidence_bound, radius, upper_confidence_bound
+from approxtune.statistics import betting_lower_bound, lower_confidence_bound, radius, upper_confidence_bound
 
 N, N_P, SIGMA, ALPHA = 600, 200, 0.5, 0.001
 
@@ -28,7 +29,7 @@ def base(tmp_path_factory):
         y = model(x).argmax(1)
     y[:5] = (y[:5] + 1) % 3  # five inputs whose label g gets wrong
     inputs = Inputs(x, y, np.arange(30))
-    settings = CertifySettings(sigma=SIGMA, n0=32, n=N, alpha=ALPHA, seed=0)
+    settings = CertifySettings(sigma=SIGMA, n0=32, n=N, alpha=ALPHA, seed=0, block_size=16)  # not the default 64
     cache = build_base_cache(model, inputs, tmp_path_factory.mktemp("irs") / "c", settings)
     return model, inputs, cache
 
@@ -49,6 +50,46 @@ def test_replaying_f_itself_reproduces_the_cached_predictions_exactly(base):
     np.testing.assert_allclose(zeta, 1 - 0.001 ** (1 / N_P))  # the zero-disagreement floor
 
 
+def test_replay_and_estimate_zeta_refuse_too_many_samples_and_report_progress(base):
+    model, inputs, cache = base
+    with pytest.raises(ValueError, match=f"n_p = {N + 1} exceeds the cache's n = {N}: IRS can only replay cached"):
+        replay(model, inputs, cache, np.arange(3), N + 1)
+    seen = []
+    replay(model, inputs, cache, np.arange(3), 50, progress=seen.append)
+    assert sum(seen) == 150
+    seen.clear()
+    estimate_zeta(model, inputs, cache, 50, 0.001, progress=seen.append, batch_size=7)
+    assert sum(seen) == 50 * len(cache) and max(seen) < 7 + 16
+
+
+def test_signed_room_keeps_every_radius_finite(base):
+    """The signed zeta's floor -(1 - p_a) / 2: p_a - zeta stays below 1 however many gains f^p has."""
+    _, _, cache = base
+    rows = np.arange(len(cache))
+    np.testing.assert_array_equal(signed_room(cache, rows), (1.0 - cache.p_a) / 2.0)
+    gains = np.ones((len(rows), N_P), dtype=np.int8)  # f^p has c_hat on every sample where f had not: all gains
+    zeta = signed_zeta(gains, N_P, N_P, 0.001, room=signed_room(cache, rows))
+    reach = 1.0 - 2.0 * (1.0 + irs_mod.SIGNED_REACH) / 2.0  # -SIGNED_REACH, where the betting bound stops
+    np.testing.assert_allclose(zeta, np.maximum(-(1.0 - cache.p_a) / 2.0, reach), atol=1e-6)
+    assert np.all(cache.p_a - zeta < 1.0) and np.any(cache.p_a > 0.75), "the floor must bind somewhere"
+    # Without a room the signed zeta is never negative; from a prefix it is the bound of the values seen so far.
+    assert np.all(signed_zeta(gains, N_P, N_P, 0.001) == 0.0)
+    net = np.where(np.arange(N_P) % 7 == 0, -1, 0)[None, :].astype(np.int8)
+    from_prefix = 1.0 - 2.0 * betting_lower_bound((net + 1.0) / 2.0, 40, N_P, 0.001, top=0.5625)
+    np.testing.assert_array_equal(signed_zeta(net, 40, N_P, 0.001, room=1.0), from_prefix)
+
+
+def test_signed_zeta_coverage():
+    """The signed zeta against the true P(f = c) - P(f^p = c): 20,000 sequences of 100 replayed samples with losses 4 %
+    and gains 2 %, alpha_zeta = 0.1; a zeta off in its scale or its sign misses far more often."""
+    u = np.random.default_rng(11).random((20_000, 100))
+    net = np.where(u < 0.04, -1, np.where(u < 0.06, 1, 0)).astype(np.int8)
+    zeta = signed_zeta(net, 100, 100, 0.1, room=0.05)
+    c = coverage("signed zeta, losses 4 %, gains 2 %, n = 100", zeta < 0.04 - 0.02, 0.1)
+    assert_sound(c)
+    assert c.rate > 0.02, "not vacuous"
+
+
 def test_irs_of_f_itself(base):
     model, inputs, cache = base
     settings = IRSSettings(n_p=N_P, alpha_zeta=0.001, alpha_d=0.001, mode=Mode.MAX)
@@ -64,7 +105,7 @@ def test_irs_of_f_itself(base):
         lower_confidence_bound(cache.predictions[ok, :N_P].__eq__(cache.c_hat[ok, None]).sum(1), N_P, 0.001), SIGMA
     )
     np.testing.assert_allclose(result.radius[ok], np.maximum(expected_zeta, expected_direct))
-    assert np.all(result.radius <= cache.certified_radius + 1e-12), "IRS never beats the base certificate here"
+    assert np.all(expected_zeta <= cache.radius[ok]), "the zeta radius never beats the base certificate"
     assert result.alpha == pytest.approx(ALPHA + 0.002)
 
 

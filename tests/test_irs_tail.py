@@ -42,8 +42,10 @@ from torch import nn
 
 import approxtune.irs as irs
 from approxtune.cache import CertifySettings, build_base_cache
+from approxtune.certification import predict_under_noise
 from approxtune.data import Inputs
 from approxtune.irs import IRSSettings, Mode, Zeta, allocate_samples, certify_irs, plausible_radii, tail_frequency
+from approxtune.noise import Stream
 from approxtune.statistics import lower_confidence_bound, radius, upper_confidence_bound
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -116,7 +118,7 @@ def small(tmp_path_factory):
         y = model(x).argmax(1)
     y[:5] = (y[:5] + 1) % 3
     inputs = Inputs(x, y, np.arange(30))
-    settings = CertifySettings(sigma=SIG, n0=32, n=N, alpha=ALPHA, seed=0)
+    settings = CertifySettings(sigma=SIG, n0=32, n=N, alpha=ALPHA, seed=0, block_size=16)  # not the default 64
     cache = build_base_cache(model, inputs, tmp_path_factory.mktemp("tail") / "c", settings)
     approx = copy.deepcopy(model)
     with torch.no_grad():
@@ -151,6 +153,84 @@ def test_tail_mode_matches_its_definition_and_reports_its_level(small):
         pd, pz = plausible_radii(q[gated == i], k, n=N, alpha=ALPHA, alpha_zeta=0.001, alpha_d=0.002, sigma=SIG)
         assert res.branch_direct[i] == bool(pd[0] > pz[0])
         assert res.radius[i] == pytest.approx(float(r_d if res.branch_direct[i] else r_z))
+
+
+@pytest.mark.parametrize("zeta", ["loss", "disagreement"])
+def test_tail_mode_with_a_pilot_matches_its_definition(small, zeta):
+    """The pilot: f^p on the first ``pilot`` tail samples; what zeta counts there and the drop of c_hat's frequency,
+    each shrunk halfway to its pooled value, feed the allocation (which spends what the pilot left) and the branch."""
+    _, approx, inputs, cache = small
+    pilot, n_tail = 16, 400
+    settings = IRSSettings(n_p=100, mode="tail", n_tail=n_tail, pilot=pilot, block=8, zeta=zeta)
+    res = certify_irs(approx, inputs, cache, settings)
+    gated = np.flatnonzero(cache.certified)
+    prefix = N - n_tail
+    x, c_hat = inputs.x[torch.as_tensor(gated)], cache.c_hat[gated]
+    preds = predict_under_noise(
+        approx, x, cache.seed[gated], Stream.ESTIMATION, prefix, prefix + pilot, SIG, block_size=16
+    )
+    f_pilot = cache.predictions[gated, prefix : prefix + pilot]
+    counted = (preds != f_pilot) if zeta == "disagreement" else (preds != f_pilot) & (f_pilot == c_hat[:, None])
+    counted = counted.sum(axis=1)
+    lost = (f_pilot == c_hat[:, None]).sum(axis=1) - (preds == c_hat[:, None]).sum(axis=1)
+    assert counted.std() > 0 and lost.std() > 0 and np.any(lost != counted), "the pilot must tell inputs apart"
+    d = (counted + counted.mean()) / (2 * pilot)
+    drop = (lost + lost.mean()) / (2 * pilot)
+    levels = {"n": N, "alpha": ALPHA, "alpha_zeta": 0.001, "alpha_d": 0.001, "sigma": SIG}
+    q = tail_frequency(cache, gated, n_tail)
+    counts = allocate_samples(q, (100 - pilot) * len(gated), prefix, block=8, d=d, drop=drop, **levels)
+    np.testing.assert_array_equal(res.counts[gated], counts)
+    assert res.pilot_samples == pilot * len(gated) and res.samples == counts.sum() + pilot * len(gated)
+    keep = counts > 0
+    direct, zeta_r = plausible_radii(q[keep], counts[keep], d=d[keep], drop=drop[keep], **levels)
+    np.testing.assert_array_equal(res.branch_direct[gated[keep]], direct > zeta_r)
+
+
+def test_uniform_counts_with_a_pilot_and_the_guard_against_counts_in_the_tail(small, monkeypatch):
+    _, approx, inputs, cache = small
+    settings = IRSSettings(n_p=100, mode="tail", n_tail=400, allocate=False, pilot=8)
+    res = certify_irs(approx, inputs, cache, settings)
+    assert np.all(res.counts[res.evaluated] == 92), "every input replays what the pilot left of n_p"
+    # Were the allocation ever to reach into the tail, the plan would refuse it.
+    monkeypatch.setattr(irs, "allocate_samples", lambda q, *a, **k: np.full(len(q), N - 400 + 1))
+    with pytest.raises(ValueError, match="a per-input count reaches into the tail"):
+        certify_irs(approx, inputs, dataclasses.replace(cache), IRSSettings(n_p=100, mode="tail", n_tail=400))
+
+
+def test_tail_and_pilot_limits_are_inclusive(small):
+    cache = small[3]
+    assert IRSSettings(n_p=N - 1, n_tail=1).tail_length(N) == 1  # the smallest tail
+    assert IRSSettings(n_p=200, n_tail=400).tail_length(N) == 400  # n_p fills the prefix exactly
+    assert IRSSettings(n_p=200, n_tail=400, pilot=199).tail_length(N) == 400  # the largest pilot below n_p
+    assert IRSSettings(n_p=500, n_tail=100, pilot=100).tail_length(N) == 100  # a pilot of the whole tail
+    with pytest.raises(ValueError, match=r"n_p = 201 reaches into the tail: only the first n - n_tail = 200 cached"):
+        IRSSettings(n_p=201, n_tail=400).tail_length(N)
+    with pytest.raises(ValueError, match=rf"n_tail = {N} must lie in \[1, n\) for a cache of n = {N}"):
+        IRSSettings(n_p=10, n_tail=N).tail_length(N)
+    with pytest.raises(ValueError, match="pilot = 101 must be below n_p = 500 and at most n_tail = 100"):
+        IRSSettings(n_p=500, n_tail=100, pilot=101).tail_length(N)
+    rows = np.flatnonzero(cache.certified)
+    np.testing.assert_array_equal(tail_frequency(cache, rows, 1), cache.predictions[rows, -1] == cache.c_hat[rows])
+    assert tail_frequency(cache, rows, N - 1).shape == rows.shape
+    with pytest.raises(ValueError, match=rf"n_tail = {N} must lie in \[1, n\) for a cache of n = {N}"):
+        tail_frequency(cache, rows, N)
+
+
+def test_upper_hull():
+    """The upper concave hull from (0, 0): points on or below a chord go, the highest point ends it."""
+    ks = np.array([1, 2, 3, 4, 5, 6])
+    assert irs._upper_hull(ks, np.array([0.0, 0.0, 3.0, 4.0, 4.5, 4.0])) == [(0, 0.0), (4, 4.0), (5, 4.5)]
+    assert irs._upper_hull(ks, np.array([1.0, 2.0, 3.0, 3.5, 3.5, 1.0])) == [(0, 0.0), (3, 3.0), (4, 3.5)]
+    assert irs._upper_hull(ks[:3], np.array([2.0, 2.5, 2.6])) == [(0, 0.0), (1, 2.0), (2, 2.5), (3, 2.6)]
+
+
+def test_allocation_arguments():
+    q = np.array([0.9, 0.99])
+    assert allocate_samples(q, 100, 0, **LEVELS).tolist() == [0, 0]  # no prefix: nothing to replay
+    assert allocate_samples(q, 3, 50, block=1, **LEVELS).sum() == 3
+    for budget, cap, block in [(-1, 10, 16), (10, -1, 16), (10, 10, 0)]:
+        with pytest.raises(ValueError, match="budget and cap must be non-negative and block positive"):
+            allocate_samples(q, budget, cap, block=block, **LEVELS)
 
 
 def test_n_p_reaching_into_the_tail_is_refused(small):

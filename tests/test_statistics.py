@@ -175,7 +175,7 @@ def test_certified_accuracy_curve() -> None:
     assert all(isinstance(r, float) and isinstance(a, float) for r, a in custom)
 
     empty = certified_accuracy_curve([])
-    assert len(empty) == 21 and all(a == 0.0 for _, a in empty)
+    assert empty == [(0.0, 0.0)] * 21  # a grid from 0 to the largest radius, 0
 
 
 def test_radius_of_bound_matches_textbook_example() -> None:
