@@ -224,10 +224,43 @@ def test_upper_hull():
     assert irs._upper_hull(ks[:3], np.array([2.0, 2.5, 2.6])) == [(0, 0.0), (1, 2.0), (2, 2.5), (3, 2.6)]
 
 
+def _curves(monkeypatch, *curves):
+    """Make ``allocate_samples`` see the plausible radius ``curves[i](k)`` for the input whose q is ``i``."""
+
+    def plausible(q, k, **levels):
+        direct = np.array([[curves[int(i)](int(kk)) for kk in k[0]] for i in q[:, 0]])
+        return direct, np.zeros_like(direct)
+
+    monkeypatch.setattr(irs, "plausible_radii", plausible)
+    return np.arange(len(curves), dtype=np.float64)
+
+
+def test_allocation_follows_the_steepest_hull_segment_first(monkeypatch):
+    """Two concave curves (rise per block of 16: A 1, 0.5, 0.25, 0.125; B 0.8, 0.6, 0.3, 0.15): each block goes to the
+    steeper next segment; a budget that is no multiple of the block ends with a part of a block."""
+    a = dict(zip((16, 32, 48, 64), np.cumsum([1.0, 0.5, 0.25, 0.125]).tolist(), strict=True))
+    b = dict(zip((16, 32, 48, 64), np.cumsum([0.8, 0.6, 0.3, 0.15]).tolist(), strict=True))
+    q = _curves(monkeypatch, a.get, b.get)
+    for budget, expected in [(16, [16, 0]), (48, [16, 32]), (80, [32, 48]), (81, [33, 48]), (96, [48, 48])]:
+        counts = allocate_samples(q, budget, 64, block=16, **LEVELS)
+        assert counts.tolist() == expected and counts.dtype == np.int64, budget
+
+
+def test_budget_left_when_every_hull_is_spent_goes_to_certifiable_inputs_up_to_the_cap(monkeypatch):
+    """B (first) gains nothing past 16 samples, A rises evenly to the cap 40, C never certifies: the hulls take B to
+    16 and A to 40; what is left is spread block by block, in input order, over B and A up to the cap."""
+    q = _curves(monkeypatch, lambda k: 0.5, lambda k: k / 40, lambda k: 0.0)
+    assert allocate_samples(q, 56, 40, block=16, **LEVELS).tolist() == [16, 40, 0]
+    assert allocate_samples(q, 70, 40, block=16, **LEVELS).tolist() == [30, 40, 0]
+    assert allocate_samples(q, 1000, 40, block=16, **LEVELS).tolist() == [40, 40, 0]
+    assert allocate_samples(q, 1000, 47, block=16, **LEVELS).tolist() == [47, 47, 0]  # a cap off the block grid
+
+
 def test_allocation_arguments():
     q = np.array([0.9, 0.99])
     assert allocate_samples(q, 100, 0, **LEVELS).tolist() == [0, 0]  # no prefix: nothing to replay
     assert allocate_samples(q, 3, 50, block=1, **LEVELS).sum() == 3
+    assert allocate_samples(q, 1, 50, **LEVELS).sum() == 1
     for budget, cap, block in [(-1, 10, 16), (10, -1, 16), (10, 10, 0)]:
         with pytest.raises(ValueError, match="budget and cap must be non-negative and block positive"):
             allocate_samples(q, budget, cap, block=block, **LEVELS)
