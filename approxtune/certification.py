@@ -20,6 +20,12 @@ from approxtune.statistics import lower_confidence_bound, radius
 __all__ = ["DEFAULT_BATCH_SIZE", "CertifyResult", "certify", "class_dtype", "predict_under_noise"]
 
 DEFAULT_BATCH_SIZE = 512
+NOISE_CHUNK = 1 << 18
+"""Noise is drawn for whole batches at a time, at least this many numbers per call: small inputs (the digits' 64
+numbers) would otherwise pay the generator's fixed cost per call on every batch."""
+
+Piece = tuple[int, int, int, int, int, int]
+"""A run of one input's noise samples in a batch: (input, first column, offset in the batch, block, lo, hi)."""
 
 Progress = Callable[[int], None]
 """Called with the number of noise samples just evaluated."""
@@ -76,7 +82,8 @@ def predict_under_noise(
     inputs_cpu = inputs.detach().to("cpu", torch.float32)
     count = block_size * int(np.prod(shape, dtype=np.int64))
     buf = torch.empty((batch_size + block_size, *shape), dtype=torch.float32)
-    pieces: list[tuple[int, int, int, int, int, int]] = []  # (input, first column, offset in buf, block, lo, hi)
+    pieces: list[Piece] = []  # of the batch being filled
+    waiting: list[list[Piece]] = []  # full batches whose noise is drawn together, NOISE_CHUNK numbers or more
     fill = 0
     out: np.ndarray | None = None
     # x + sigma * eps is computed with numpy on views of the same memory, one IEEE float32 operation per ufunc call
@@ -86,27 +93,36 @@ def predict_under_noise(
     buf_np, inputs_np = buf.numpy(), inputs_cpu.numpy()
     scale = np.float32(sigma)
 
-    def flush() -> None:
-        nonlocal fill, out
-        if fill == 0:
-            return
-        rows = [p[0] for p in pieces]
-        eps = normal_blocks(seeds[rows], stream, np.array([p[3] for p in pieces]), count)  # every block in one go
-        eps = eps.reshape((len(pieces), block_size, *shape))
-        for j, (i, _, off, _, lo, hi) in enumerate(pieces):
+    def forward(batch: list[Piece], eps: np.ndarray) -> None:
+        """Fill the buffer with ``batch``'s noisy samples (``eps``: its blocks' noise, in order), classify them."""
+        nonlocal out
+        size = 0
+        for (i, _, off, _, lo, hi), noise in zip(batch, eps, strict=True):
             dest = buf_np[off : off + hi - lo]
-            np.multiply(eps[j, lo:hi], scale, out=dest)
+            np.multiply(noise[lo:hi], scale, out=dest)
             np.add(dest, inputs_np[i], out=dest)
-        logits = model(buf[:fill].to(device, non_blocking=True))
+            size = off + hi - lo
+        logits = model(buf[:size].to(device, non_blocking=True))
         preds = logits.argmax(dim=1).cpu().numpy()
         if out is None:
             out = np.zeros((n_inputs, width), dtype=class_dtype(logits.shape[1]))
-        for i, col, off, _, lo, hi in pieces:
+        for i, col, off, _, lo, hi in batch:
             out[i, col : col + hi - lo] = preds[off : off + hi - lo]
         if progress is not None:
-            progress(fill)
-        pieces.clear()
-        fill = 0
+            progress(size)
+
+    def run_waiting() -> None:
+        """Draw the noise of every waiting batch in one call (a vectorised pass over many blocks), then run them."""
+        every = [p for batch in waiting for p in batch]
+        if not every:
+            return
+        eps = normal_blocks(seeds[[p[0] for p in every]], stream, np.array([p[3] for p in every]), count)
+        eps = eps.reshape((len(every), block_size, *shape))
+        first = 0
+        for batch in waiting:
+            forward(batch, eps[first : first + len(batch)])
+            first += len(batch)
+        waiting.clear()
 
     with torch.inference_mode():
         for i in range(n_inputs):
@@ -116,8 +132,13 @@ def predict_under_noise(
                 fill += hi - lo
                 col += hi - lo
                 if fill >= batch_size:
-                    flush()
-        flush()
+                    waiting.append(pieces)
+                    pieces, fill = [], 0
+                    if sum(map(len, waiting)) * count >= NOISE_CHUNK:
+                        run_waiting()
+        if pieces:
+            waiting.append(pieces)
+        run_waiting()
     if out is None:  # nothing was sampled
         with torch.inference_mode():
             num_classes = model(inputs_cpu[:1].to(device)).shape[1] if n_inputs else 2

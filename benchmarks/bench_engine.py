@@ -647,6 +647,9 @@ def noise_benchmark(rounds: int, threads: int) -> dict:
     import numpy as np
     import torch
 
+    from approxtune.cli import tune_malloc
+
+    tuned = tune_malloc()  # as every approxtune command does: glibc keeps freed buffers instead of unmapping them
     torch.set_num_threads(threads)
     machine = _machine()
     models = {name: _noise_vs_forward(name, *spec, rounds) for name, spec in NOISE_MODELS.items()}
@@ -656,6 +659,7 @@ def noise_benchmark(rounds: int, threads: int) -> dict:
             "command": " ".join(["python", *sys.argv]),
             "rounds": rounds,
             "torch_threads": torch.get_num_threads(),
+            "tuned_malloc": tuned,
             "machine": machine,
             "torch": torch.__version__,
             "numpy": np.__version__,
@@ -669,7 +673,7 @@ def noise_markdown(res: dict) -> str:
     lines = [
         f"Command: `{m['command']}`; {m['date']}; {m['machine']['cpu']}, {m['machine']['nproc']} CPUs, load "
         f"{m['machine']['loadavg_start']}; torch {m['torch']} ({m['torch_threads']} thread), numpy {m['numpy']}; "
-        f"medians of {m['rounds']} interleaved rounds, CPU time.",
+        f"allocator tuned as by the CLI: {m['tuned_malloc']}; medians of {m['rounds']} interleaved rounds, CPU time.",
         "",
         "| model (numbers per sample) | bare forward, samples/s | normals/s needed | normals/s produced (one "
         "thread) | noise share of a sample's CPU time | torch randn per block (old), normals/s | two threads / one "
