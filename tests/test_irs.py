@@ -142,6 +142,17 @@ def test_irs_of_an_approximation_matches_the_definition(base, rule):
     assert result.alpha == pytest.approx(ALPHA + 0.001), "counting losses costs no confidence"
 
 
+def test_certify_irs_reports_progress_and_certified_accuracy(base):
+    model, inputs, cache = base
+    seen = []
+    result = certify_irs(model, inputs, cache, IRSSettings(n_p=N_P, mode=Mode.MAX), progress=seen.append)
+    assert sum(seen) == result.samples > 0
+    radii = result.radius[result.radius > 0]
+    assert result.certified_accuracy(float(np.median(radii))) == pytest.approx(
+        (result.radius >= np.median(radii)).mean()
+    )
+
+
 def test_counting_losses_never_certifies_less(base):
     """Losses are a subset of the disagreements on every sample: the loss zeta is never larger, no radius smaller."""
     model, inputs, cache = base

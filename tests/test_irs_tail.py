@@ -91,6 +91,14 @@ def test_allocation_equalises_the_marginal_radius():
                 assert total(moved) <= best + 2e-3, (i, j)
 
 
+def test_plausible_radii_clip_the_expected_frequency_to_a_probability():
+    """A pilot's drop can exceed f's tail frequency (or be negative): f^p's expected frequency stays in [0, 1]."""
+    none, _ = plausible_radii(0.2, 100, d=0.1, drop=0.5, **LEVELS)
+    sure, _ = plausible_radii(0.99, 100, d=0.0, drop=-0.5, **LEVELS)
+    np.testing.assert_array_equal(none, 0.0)
+    np.testing.assert_allclose(sure, radius(lower_confidence_bound(100, 100, 0.001), 0.5))
+
+
 def test_plausible_radii_use_the_expected_count_not_the_best_case():
     k = np.array([100, 400, 1600])
     direct, zeta = plausible_radii(0.9, k, **LEVELS)

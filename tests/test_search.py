@@ -64,8 +64,17 @@ def _uniform(precision):
     }
 
 
+def test_constraint_violation_limits_are_inclusive(setup):
+    study = _with(setup[0], max_accuracy_drop=0.25, max_size_ratio=0.5)
+    assert search.constraint_violation(study, 0.75, 1000, (0.1, 0.5, 500)) is None  # both exactly at their limits
+    assert "accuracy drop 0.260" in search.constraint_violation(study, 0.76, 1000, (0.1, 0.5, 500))
+    assert "size ratio 0.501" in search.constraint_violation(study, 0.75, 1000, (0.1, 0.5, 501))
+    assert search.constraint_violation(study, 0.75, 1000, (0.1, 0.9, 100)) is None  # size, not accuracy, in [2]
+
+
 def test_dominates():
     assert search.dominates((0.5, 0.9, 100), (0.4, 0.9, 100))
+    assert not search.dominates((0.5, 0.8, 100), (0.5, 0.9, 100))  # lower accuracy: never dominates
     assert search.dominates((0.5, 0.9, 100), (0.5, 0.8, 100))
     assert search.dominates((0.5, 0.9, 100), (0.5, 0.9, 101))
     assert not search.dominates((0.5, 0.9, 100), (0.5, 0.9, 100))  # equal values: neither dominates
@@ -243,3 +252,12 @@ def test_a_repeat_of_a_stopped_trial_stops_at_once(setup):
     stopped, full = same_study.trials
     assert stopped.state == optuna.trial.TrialState.PRUNED and full.state == optuna.trial.TrialState.COMPLETE
     assert full.user_attrs["same_as"] is None and full.user_attrs["samples"] > 0
+    for key in ("race_stage", "summary", "upper_acr"):  # the stopped repeat records what its twin recorded
+        assert again.user_attrs[key] == first.user_attrs[key]
+    assert 0 <= again.user_attrs["seconds"] < 5
+    # With racing on again, a third repeat takes the complete twin's certificate, not the stopped twin's stop.
+    same_study.enqueue_trial(fp32)
+    same_study.optimize(search.make_objective(study, model, inputs, cache, base_accuracy, "cpu"), n_trials=1)
+    third = same_study.trials[2]
+    assert third.state == optuna.trial.TrialState.COMPLETE and third.user_attrs["same_as"] == full.number
+    assert third.values == full.values and third.user_attrs["samples"] == 0 and 0 <= third.user_attrs["seconds"] < 5

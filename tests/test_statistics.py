@@ -13,6 +13,7 @@ from scipy.stats import binomtest, norm
 from test_soundness import Coverage, assert_flagged, assert_sound, coverage
 
 from approxtune.statistics import (
+    BET_CAP,
     acr,
     betting_lower_bound,
     certified_accuracy,
@@ -304,14 +305,65 @@ def test_a_stake_that_reads_the_current_value_is_caught() -> None:
     assert_flagged(betting_coverage(bad))
 
 
+def betting_by_definition(x, seen, n, alpha, top, best=None, steps=32) -> float:
+    """The betting bound of one sequence, written out from its docstring one value at a time (no arrays)."""
+    cap, threshold = BET_CAP / top, math.log(1.0 / alpha)
+    lo, hi = 0.0, top
+    for _ in range(steps):
+        m = (lo + hi) / 2.0
+        log_capital = best_log = 0.0
+        total = squares = 0.0
+        var_before = 0.25
+        for t in range(1, seen + 1):
+            value = float(x[t - 1])
+            stake = min(math.sqrt(2.0 * threshold / (n * var_before)), cap)
+            log_capital += math.log1p(stake * (value - m))
+            best_log = max(best_log, log_capital)
+            total += value
+            squares += (value - (0.5 + total) / (t + 1)) ** 2
+            var_before = (0.25 + squares) / (t + 1)
+        score = best_log
+        if best is not None:
+            rest = sum(math.log1p(cap * max(float(best[t]) - m, 0.0)) for t in range(seen, n))
+            score = max(best_log, log_capital + rest)
+        lo, hi = (m, hi) if score >= threshold else (lo, m)
+    return lo
+
+
+@pytest.mark.parametrize("top", [0.5625, 1.0])
+def test_betting_bound_follows_its_definition(top: float) -> None:
+    """Sequences of 0, 1/2, 1 (and of uniform values) of other lengths, seen prefixes and levels, with and without the
+    best completion: the vectorised bound is the one-value-at-a-time definition, bit for bit."""
+    rng = np.random.default_rng(5)
+    width = 50  # wider than every n: columns past n must play no part
+    x = rng.choice([0.0, 0.5, 1.0], size=(12, width), p=[0.15, 0.6, 0.25])
+    x[6:] = rng.random((6, width))
+    seen = np.array([0, 1, 7, 20, 30, 30, 40, 3, 10, 25, 39, 40])
+    n = np.array([5, 9, 30, 20, 30, 45, 40, 11, 17, 25, 40, 49])
+    best = np.where(rng.random((12, width)) < 0.3, 1.0, 0.5)
+    for alpha in (0.01, 0.2):
+        plain = betting_lower_bound(x, seen, n, alpha, top=top)
+        optimistic = betting_lower_bound(x, seen, n, alpha, top=top, best=best)
+        for i in range(12):
+            assert plain[i] == betting_by_definition(x[i], seen[i], n[i], alpha, top), (i, alpha)
+            assert optimistic[i] == betting_by_definition(x[i], seen[i], n[i], alpha, top, best[i]), (i, alpha)
+    assert betting_lower_bound(np.zeros((0, 5)), 0, 5, 0.1).shape == (0,)
+    assert betting_lower_bound(np.ones((1, 1)), 1, 1, 0.2)[0] == betting_by_definition([1.0], 1, 1, 0.2, 1.0)
+
+
 @pytest.mark.parametrize(
     ("x", "seen", "n", "alpha", "top", "match"),
     [
-        ([[0.5, 1.5]], 2, 2, 0.1, 1.0, "values in"),
-        ([[0.5, 0.5]], 3, 3, 0.1, 1.0, "seen <= n"),
+        ([[0.5, 1.5]], 2, 2, 0.1, 1.0, "needs values in \\[0, 1\\]"),
+        ([[0.5, -0.5]], 2, 2, 0.1, 1.0, "needs values in \\[0, 1\\]"),
+        ([[0.5, 0.5]], 3, 3, 0.1, 1.0, "needs 0 <= seen <= n <= the sequences' length and n >= 1"),
         ([[0.5, 0.5]], 2, 1, 0.1, 1.0, "seen <= n"),
+        ([[0.5, 0.5]], -1, 2, 0.1, 1.0, "seen <= n"),
+        ([[0.5, 0.5]], 0, 0, 0.1, 1.0, "n >= 1"),
         ([[0.5, 0.5]], 2, 2, 1.0, 1.0, "alpha"),
+        ([[0.5, 0.5]], 2, 2, 0.0, 1.0, "alpha"),
         ([[0.5, 0.5]], 2, 2, 0.1, 0.0, "top"),
+        ([[0.5, 0.5]], 2, 2, 0.1, 1.5, "top"),
     ],
 )
 def test_betting_bound_bad_arguments_raise(x, seen, n, alpha, top, match) -> None:
