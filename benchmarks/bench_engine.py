@@ -35,7 +35,8 @@ Torch threads are left at torch's default (recorded in the results) unless ``--t
 **Noise against the forward pass** (``--noise``; in this process, one torch thread unless ``--threads``): for the
 digits CNN (1x8x8), CIFAR ResNet-20 (3x32x32) and an ImageNet ResNet-50 (3x224x224, random weights), the normals per
 second the bare forward pass consumes (samples/s x numbers per sample) against what approxtune's generator
-(:func:`approxtune.noise.normal_blocks`, the batch's 64-sample blocks drawn in one call, as the engine does) and, for
+(:func:`approxtune.noise.normal_blocks`, as many 64-sample blocks in one call as the engine draws: a batch's, and at
+least ``certification.NOISE_CHUNK`` numbers) and, for
 reference, torch's ``randn`` with one seeded ``torch.Generator`` per block (the generator approxtune used before its
 noise became bit-identical across CPUs) produce on one thread; the engine against the bare forward pass end to end;
 and blocks drawn on two threads at once (numpy releases the GIL in its array loops)::
@@ -560,7 +561,7 @@ def _noise_vs_forward(name: str, shape: tuple[int, ...], batch: int, samples: in
     import numpy as np
     import torch
 
-    from approxtune.certification import predict_under_noise
+    from approxtune.certification import NOISE_CHUNK, predict_under_noise
     from approxtune.models import build_model
     from approxtune.noise import Stream, input_seeds, normal_blocks
 
@@ -568,7 +569,7 @@ def _noise_vs_forward(name: str, shape: tuple[int, ...], batch: int, samples: in
     model = build_model(name).eval()
     numel = int(np.prod(shape))
     count = 64 * numel  # normals per 64-sample block
-    blocks = max(1, batch // 64)  # the blocks of one engine batch
+    blocks = max(batch // 64, -(-NOISE_CHUNK // count))  # the blocks the engine draws in one call
     x = torch.rand((batch, *shape))
     xs = torch.rand((max(1, samples // 1000), *shape))
     n = samples // len(xs)
@@ -583,7 +584,7 @@ def _noise_vs_forward(name: str, shape: tuple[int, ...], batch: int, samples: in
         normal_blocks(input_seeds(0, which), Stream.ESTIMATION, which, count)
 
     def torch_randn() -> None:
-        for b in range(blocks):  # the old generator: a seeded torch.Generator per block
+        for b in range(blocks):  # the old generator: a seeded torch.Generator per block (as many blocks)
             torch.randn(count, generator=torch.Generator().manual_seed(b), dtype=torch.float32)
 
     def engine() -> None:
