@@ -105,6 +105,9 @@ def test_irs_of_f_itself(base):
         lower_confidence_bound(cache.predictions[ok, :N_P].__eq__(cache.c_hat[ok, None]).sum(1), N_P, 0.001), SIGMA
     )
     np.testing.assert_allclose(result.radius[ok], np.maximum(expected_zeta, expected_direct))
+    won = (expected_direct > expected_zeta) & (np.maximum(expected_zeta, expected_direct) > 0)
+    np.testing.assert_array_equal(result.direct_won[ok], won)
+    assert won.any() and (~won & (result.radius[ok] > 0)).any(), "both branches must certify some input here"
     assert np.all(expected_zeta <= cache.radius[ok]), "the zeta radius never beats the base certificate"
     assert result.alpha == pytest.approx(ALPHA + 0.002)
 
@@ -172,7 +175,7 @@ def test_gamma_mode_switches_on_cached_p_a(base):
     model, inputs, cache = base
     approx = perturbed(model, 0.3)
     rows = np.flatnonzero(cache.certified)
-    gamma = float(np.median(cache.p_a[rows]))
+    gamma = float(np.sort(cache.p_a[rows])[len(rows) // 2])  # a cached p_a itself: p_a >= gamma is inclusive
     settings = IRSSettings(n_p=N_P, alpha_zeta=0.001, alpha_d=0.002, mode=Mode.GAMMA, gamma=gamma, zeta="disagreement")
     result = certify_irs(approx, inputs, cache, settings)
     preds = replay(approx, inputs, cache, rows, N_P)
@@ -180,8 +183,10 @@ def test_gamma_mode_switches_on_cached_p_a(base):
     r_zeta = radius(cache.p_a[rows] - zeta, SIGMA)
     r_direct = radius(lower_confidence_bound((preds == cache.c_hat[rows, None]).sum(1), N_P, 0.002), SIGMA)
     high = cache.p_a[rows] >= gamma
-    assert high.any() and (~high).any()
+    assert high.any() and (~high).any() and np.any(cache.p_a[rows] == gamma)
     np.testing.assert_allclose(result.radius[rows], np.where(high, r_direct, r_zeta))
+    np.testing.assert_array_equal(result.branch_direct[rows], high)
+    np.testing.assert_array_equal(result.direct_won[rows], high & (result.radius[rows] > 0))
     # The threshold argument: max(alpha + alpha_zeta, alpha_zeta + alpha_d), not the union bound 0.004, and not the
     # paper's alpha + alpha_zeta = 0.002 either, since alpha_d > alpha here.
     assert result.alpha == pytest.approx(0.001 + max(ALPHA, 0.002))
@@ -206,6 +211,18 @@ def test_bad_settings(base):
         IRSSettings(n_p=10, gamma=0.4)
     with pytest.raises(ValueError, match="inputs given"):
         certify_irs(model, inputs.head(3), cache, IRSSettings(n_p=10))
+    for bad, match in [
+        ({"alpha_zeta": 0.0}, r"alpha_zeta must lie in \(0, 0\.5\), got 0\.0"),
+        ({"alpha_d": 0.0}, "alpha_d must lie in"),
+        ({"gamma": 0.5}, r"gamma must lie in \(0\.5, 1\], got 0\.5"),
+        ({"gamma": 1.01}, "gamma must lie in"),
+        ({"n_tail": 0}, "n_tail must be at least 1, got 0"),
+        ({"block": 0}, "block must be at least 1, got 0"),
+        ({"pilot": -1}, "pilot must be non-negative, got -1"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            IRSSettings(n_p=10, **bad)
+    IRSSettings(n_p=1, gamma=1.0, n_tail=1, block=1, pilot=0)  # every limit is inclusive where it says so
 
 
 @pytest.mark.parametrize("mode", list(Mode))

@@ -172,6 +172,8 @@ def test_an_infeasible_candidate_stops_before_any_sample(setup):
     stopped, complete = result.trials
     assert stopped.state == optuna.trial.TrialState.PRUNED and stopped.user_attrs["samples"] == 0
     assert "max_size_ratio" in stopped.user_attrs["stopped"] and stopped.user_attrs["race_stage"] == 0.0
+    assert stopped.user_attrs["summary"] == search.ApproximationConfig.from_dict(stopped.user_attrs["config"]).summary()
+    assert 0 <= stopped.user_attrs["seconds"] < 60
     assert complete.state == optuna.trial.TrialState.COMPLETE and complete.user_attrs["feasible"]
     # Without racing the same candidate runs in full and is recorded infeasible.
     plain = _run(setup, _with(study, race=[]), params=[fp32], n_trials=1)
@@ -186,6 +188,16 @@ def test_evaluate_without_race_never_stops(setup):
     result = search.evaluate(model, config, inputs, cache, study)
     plan = IRSRun(apply_approximation(model, config), inputs, cache, study.irs_settings)
     assert result.samples == int(plan.counts.sum()) > 0  # every planned sample, none stopped
+    # What the trial records is its certificate's: confidence, ACR, certified accuracy, share of direct radii.
+    certificate = plan.result()
+    assert result.confidence == 1.0 - study.irs_settings.total_alpha(cache.meta.alpha)
+    assert (result.acr, result.mean_zeta, result.direct_share) == (
+        certificate.acr,
+        certificate.mean_zeta,
+        certificate.direct_share,
+    )
+    assert result.certified_accuracy == {f"{r:g}": certificate.certified_accuracy(r) for r in search.REPORT_RADII}
+    assert 0 <= result.seconds < 60
 
     def always(upper):
         return "stop"
