@@ -13,9 +13,11 @@ them; the study records what its trials were certified against and refuses to re
 
 **Racing.**  Most candidates of a multi-objective search end up dominated.  A trial's accuracy and size are known
 before any noise sample; its ACR is bounded from above, before sampling and after each fraction ``search.race`` of
-its replay, by :meth:`approxtune.irs.IRSRun.upper_acr` (every remaining sample agreeing with f).  When that best
-reachable ``(ACR, accuracy, size)`` is Pareto-dominated by a complete feasible trial, or the candidate breaks a
-constraint, the full run could not reach the feasible front either: the trial stops as PRUNED with what it had
+its replay, by :meth:`approxtune.irs.IRSRun.upper_acr` (every remaining sample the best it could be: predicting c_hat
+and losing nothing, and for the signed zeta a gain wherever f misses c_hat), averaged as the final ACR is, so that a
+trial tied with a complete one is never stopped for it.  When that best reachable ``(ACR, accuracy, size)`` is
+Pareto-dominated by a complete feasible trial, or the candidate breaks a constraint, the full run could not reach the
+feasible front either: the trial stops as PRUNED with what it had
 seen in its user attributes (Optuna's pruners do not work for multi-objective studies; we raise
 ``optuna.TrialPruned`` ourselves).  Otherwise the same replay is extended, so no sample is evaluated twice, and only a
 trial that reaches its full pre-set budget reports a certificate.  The front of the trials run is therefore exactly
