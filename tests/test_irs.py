@@ -187,6 +187,10 @@ def test_gamma_mode_switches_on_cached_p_a(base):
     np.testing.assert_allclose(result.radius[rows], np.where(high, r_direct, r_zeta))
     np.testing.assert_array_equal(result.branch_direct[rows], high)
     np.testing.assert_array_equal(result.direct_won[rows], high & (result.radius[rows] > 0))
+    # With 10 samples the direct branch often certifies nothing: it did not "win" there.
+    few = certify_irs(approx, inputs, cache, dataclasses.replace(settings, n_p=10))
+    np.testing.assert_array_equal(few.direct_won[rows], high & (few.radius[rows] > 0))
+    assert np.any(high & (few.radius[rows] == 0))
     # The threshold argument: max(alpha + alpha_zeta, alpha_zeta + alpha_d), not the union bound 0.004, and not the
     # paper's alpha + alpha_zeta = 0.002 either, since alpha_d > alpha here.
     assert result.alpha == pytest.approx(0.001 + max(ALPHA, 0.002))
@@ -288,6 +292,32 @@ def test_staged_run_ends_where_one_shot_ends_and_its_upper_bound_holds(base, set
     assert bounds[0] > staged.acr  # the perturbation costs radius that the bound before any sample cannot see
     assert run.upper_acr() == staged.acr, "finished: the bound is the ACR, bit for bit"
     np.testing.assert_array_equal(staged.zeta, one_shot.zeta)
+
+
+def test_a_staged_replay_reads_each_inputs_own_samples_whatever_the_others_ranges(base):
+    """extend() replays one range per input in one call; an input ahead of the others (a later start, a shorter range)
+    is compared with f on its own cached samples."""
+    model, inputs, cache = base
+    approx = perturbed(model, 0.3)
+    run = IRSRun(approx, inputs, cache, IRSSettings(n_p=N_P, mode=Mode.MAX))
+    rows = run.rows
+    run.seen = np.where(np.arange(len(rows)) % 3 == 0, 176, 16)  # a third of the inputs far ahead of the rest
+    run.extend(1.0)
+    full = replay(approx, inputs, cache, rows, N_P)
+    f, c_hat = np.asarray(cache.predictions[rows, :N_P]), cache.c_hat[rows, None]
+    later = np.arange(N_P)[None, :] >= np.where(np.arange(len(rows)) % 3 == 0, 176, 16)[:, None]
+    np.testing.assert_array_equal(run.losses, ((f == c_hat) & (full != c_hat) & later).sum(axis=1))
+    np.testing.assert_array_equal(run.disagreements, ((f != full) & later).sum(axis=1))
+    np.testing.assert_array_equal(run.hits, ((full == c_hat) & later).sum(axis=1))
+
+
+def test_signed_runs_know_where_f_has_c_hat(base):
+    """Racing's signed bound allows a gain only where f misses c_hat: what it reads is f's class on every sample."""
+    model, inputs, cache = base
+    run = IRSRun(model, inputs, cache, IRSSettings(n_p=N_P, mode=Mode.MAX, zeta=Zeta.SIGNED))
+    expected = np.asarray(cache.predictions[run.rows, :N_P]) == cache.c_hat[run.rows, None]
+    np.testing.assert_array_equal(run.f_hits, expected)
+    assert expected.any() and not expected.all()
 
 
 def test_upper_acr_is_reached_when_every_remaining_sample_agrees(base):

@@ -164,13 +164,17 @@ def test_tail_mode_matches_its_definition_and_reports_its_level(small):
 
 
 @pytest.mark.parametrize("zeta", ["loss", "disagreement"])
-def test_tail_mode_with_a_pilot_matches_its_definition(small, zeta):
+def test_tail_mode_with_a_pilot_matches_its_definition(small, zeta, monkeypatch):
     """The pilot: f^p on the first ``pilot`` tail samples; what zeta counts there and the drop of c_hat's frequency,
     each shrunk halfway to its pooled value, feed the allocation (which spends what the pilot left) and the branch."""
     _, approx, inputs, cache = small
     pilot, n_tail = 16, 400
     settings = IRSSettings(n_p=100, mode="tail", n_tail=n_tail, pilot=pilot, block=8, zeta=zeta)
+    asked = []
+    real = irs.allocate_samples
+    monkeypatch.setattr(irs, "allocate_samples", lambda *a, **k: asked.append((a, k)) or real(*a, **k))
     res = certify_irs(approx, inputs, cache, settings)
+    monkeypatch.setattr(irs, "allocate_samples", real)
     gated = np.flatnonzero(cache.certified)
     prefix = N - n_tail
     x, c_hat = inputs.x[torch.as_tensor(gated)], cache.c_hat[gated]
@@ -186,6 +190,11 @@ def test_tail_mode_with_a_pilot_matches_its_definition(small, zeta):
     drop = (lost + lost.mean()) / (2 * pilot)
     levels = {"n": N, "alpha": ALPHA, "alpha_zeta": 0.001, "alpha_d": 0.001, "sigma": SIG}
     q = tail_frequency(cache, gated, n_tail)
+    (args, kwargs) = asked[0]  # what the plan asked the allocation for: the rates of this definition
+    np.testing.assert_array_equal(args[0], q)
+    assert args[1:] == ((100 - pilot) * len(gated), prefix) and kwargs["block"] == 8
+    np.testing.assert_allclose(kwargs["d"], d, rtol=1e-12)
+    np.testing.assert_allclose(kwargs["drop"], drop, rtol=1e-12)
     counts = allocate_samples(q, (100 - pilot) * len(gated), prefix, block=8, d=d, drop=drop, **levels)
     np.testing.assert_array_equal(res.counts[gated], counts)
     assert res.pilot_samples == pilot * len(gated) and res.samples == counts.sum() + pilot * len(gated)
@@ -230,6 +239,7 @@ def test_upper_hull():
     assert irs._upper_hull(ks, np.array([0.0, 0.0, 3.0, 4.0, 4.5, 4.0])) == [(0, 0.0), (4, 4.0), (5, 4.5)]
     assert irs._upper_hull(ks, np.array([1.0, 2.0, 3.0, 3.5, 3.5, 1.0])) == [(0, 0.0), (3, 3.0), (4, 3.5)]
     assert irs._upper_hull(ks[:3], np.array([2.0, 2.5, 2.6])) == [(0, 0.0), (1, 2.0), (2, 2.5), (3, 2.6)]
+    assert irs._upper_hull(ks[:3], np.array([2.0, 2.5, 3.1])) == [(0, 0.0), (1, 2.0), (3, 3.1)]
 
 
 def _curves(monkeypatch, *curves):
@@ -249,7 +259,8 @@ def test_allocation_follows_the_steepest_hull_segment_first(monkeypatch):
     a = dict(zip((16, 32, 48, 64), np.cumsum([1.0, 0.5, 0.25, 0.125]).tolist(), strict=True))
     b = dict(zip((16, 32, 48, 64), np.cumsum([0.8, 0.6, 0.3, 0.15]).tolist(), strict=True))
     q = _curves(monkeypatch, a.get, b.get)
-    for budget, expected in [(16, [16, 0]), (48, [16, 32]), (80, [32, 48]), (81, [33, 48]), (96, [48, 48])]:
+    cases = [(16, [16, 0]), (48, [16, 32]), (65, [32, 33]), (80, [32, 48]), (81, [33, 48]), (96, [48, 48])]
+    for budget, expected in cases:
         counts = allocate_samples(q, budget, 64, block=16, **LEVELS)
         assert counts.tolist() == expected and counts.dtype == np.int64, budget
 
@@ -257,11 +268,33 @@ def test_allocation_follows_the_steepest_hull_segment_first(monkeypatch):
 def test_budget_left_when_every_hull_is_spent_goes_to_certifiable_inputs_up_to_the_cap(monkeypatch):
     """B (first) gains nothing past 16 samples, A rises evenly to the cap 40, C never certifies: the hulls take B to
     16 and A to 40; what is left is spread block by block, in input order, over B and A up to the cap."""
-    q = _curves(monkeypatch, lambda k: 0.5, lambda k: k / 40, lambda k: 0.0)
+    q = _curves(monkeypatch, lambda k: 0.5, lambda k: min(k, 40) / 40, lambda k: 0.0)
     assert allocate_samples(q, 56, 40, block=16, **LEVELS).tolist() == [16, 40, 0]
+    assert allocate_samples(q, 57, 40, block=16, **LEVELS).tolist() == [17, 40, 0]
     assert allocate_samples(q, 70, 40, block=16, **LEVELS).tolist() == [30, 40, 0]
     assert allocate_samples(q, 1000, 40, block=16, **LEVELS).tolist() == [40, 40, 0]
     assert allocate_samples(q, 1000, 47, block=16, **LEVELS).tolist() == [47, 47, 0]  # a cap off the block grid
+    # A cap beyond both hulls (A's, on the grid 16, 32, 48, ..., ends at 48): what is left goes round the inputs a
+    # block at a time.
+    assert allocate_samples(q, 73, 100, block=16, **LEVELS).tolist() == [25, 48, 0]
+    assert allocate_samples(q, 81, 100, block=16, **LEVELS).tolist() == [32, 49, 0]
+    assert allocate_samples(q, 100, 100, block=16, **LEVELS).tolist() == [36, 64, 0]
+    assert allocate_samples(q, 10, 16, block=16, **LEVELS).tolist() == [10, 0, 0]  # a cap of one block
+
+
+def test_allocation_sees_the_pilots_rates(monkeypatch):
+    """The plausible radii the allocation compares use each input's expected rate d and drop, as given."""
+    seen = {}
+
+    def plausible(q, k, **levels):
+        seen.update(levels)
+        return np.ones(np.broadcast(q, k).shape), np.zeros(np.broadcast(q, k).shape)
+
+    monkeypatch.setattr(irs, "plausible_radii", plausible)
+    d, drop = np.array([0.1, 0.2, 0.3]), np.array([0.05, -0.1, 0.0])
+    allocate_samples(np.array([0.9, 0.95, 0.99]), 100, 64, d=d, drop=drop, **LEVELS)
+    np.testing.assert_array_equal(seen["d"], d[:, None])
+    np.testing.assert_array_equal(seen["drop"], drop[:, None])
 
 
 def test_allocation_arguments():

@@ -114,9 +114,11 @@ def test_vectorised_inputs_match_scalar_calls_and_broadcast() -> None:
     ],
 )
 def test_bad_bound_arguments_raise(k, n, alpha) -> None:
-    with pytest.raises(ValueError):
+    bad_alpha = not 0.0 < alpha < 1.0  # NaN too
+    match = r"alpha must lie in \(0, 1\)" if bad_alpha else r"need 0 <= k <= n and n >= 1"
+    with pytest.raises(ValueError, match=match):
         lower_confidence_bound(k, n, alpha)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=match):
         upper_confidence_bound(k, n, alpha)
 
 
