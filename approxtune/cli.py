@@ -27,7 +27,7 @@ from rich.table import Table
 
 from approxtune import api, pipeline, plots, report, search
 from approxtune import cache as cache_mod
-from approxtune.cache import BaseCache, CacheError, CacheMeta, load_cache
+from approxtune.cache import BaseCache, CacheError, CacheMeta, NoiseMismatchError, load_cache
 from approxtune.config import Study, load_study
 from approxtune.job import prepare
 from approxtune.progress import Reporter
@@ -110,6 +110,8 @@ def _matching_cache(path: Path, expected: CacheMeta) -> BaseCache | None:
         cache = load_cache(path)
         cache.check(expected)
         return cache
+    except NoiseMismatchError:
+        raise  # another installation can replay it: never certify over it
     except CacheError:
         return None
 

@@ -16,7 +16,7 @@ import hashlib
 import pickle
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +61,7 @@ class Inputs:
     x: torch.Tensor
     y: torch.Tensor
     index: np.ndarray
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -70,12 +71,17 @@ class Inputs:
         return Inputs(self.x[:count], self.y[:count], self.index[:count])
 
     def fingerprint(self) -> str:
-        """SHA-256 of the images, labels and indices (what a cache was computed on)."""
-        h = hashlib.sha256()
-        for arr in (self.x.contiguous().numpy(), self.y.numpy(), self.index):
-            h.update(str((arr.dtype.str, arr.shape)).encode())
-            h.update(np.ascontiguousarray(arr).tobytes())
-        return h.hexdigest()
+        """SHA-256 of the images, labels and indices (what a cache was computed on).
+
+        Computed once per object (every IRS trial checks it): an ``Inputs`` is never changed in place.
+        """
+        if "fingerprint" not in self._memo:
+            h = hashlib.sha256()
+            for arr in (self.x.contiguous().numpy(), self.y.numpy(), self.index):
+                h.update(str((arr.dtype.str, arr.shape)).encode())
+                h.update(np.ascontiguousarray(arr).tobytes())
+            self._memo["fingerprint"] = h.hexdigest()
+        return self._memo["fingerprint"]
 
 
 def digits_splits(split_seed: int = 0) -> dict[str, Inputs]:

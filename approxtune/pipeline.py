@@ -22,6 +22,7 @@ from approxtune.cache import (
     CacheError,
     CacheMeta,
     CertifySettings,
+    NoiseMismatchError,
     build_base_cache,
     cache_meta,
     load_cache,
@@ -289,8 +290,9 @@ def reusable_cache(
 ) -> BaseCache | None:
     """The base cache of ``split`` on disk if it matches the study (adopting one under the old name), else None.
 
-    ``on_rebuild`` is told why an existing cache cannot be reused, ``on_adopt`` that one was renamed
-    (:func:`adopt_legacy_cache`).
+    ``on_rebuild`` is told why an existing cache cannot be reused (one of an older format too), ``on_adopt`` that one
+    was renamed (:func:`adopt_legacy_cache`).  A cache whose noise this installation cannot reproduce is refused
+    (:class:`~approxtune.cache.NoiseMismatchError`), never rebuilt over.
     """
     path = study.cache_path(split)
     expected = expected_meta(study, model, inputs, split)
@@ -300,6 +302,8 @@ def reusable_cache(
     try:
         cache = load_cache(path)
         cache.check(expected)
+    except NoiseMismatchError:
+        raise  # never overwrite a cache that another installation can replay: the user decides
     except CacheError as exc:
         if on_rebuild is not None:
             on_rebuild(str(exc))

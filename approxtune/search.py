@@ -15,9 +15,11 @@ certified against and refuses to resume against anything else.
 
 **Racing.**  Most candidates of a multi-objective search end up dominated.  A trial's accuracy and size are known
 before any noise sample; its ACR is bounded from above, before sampling and after each fraction ``search.race`` of
-its replay, by :meth:`approxtune.irs.IRSRun.upper_acr` (every remaining sample agreeing with f).  When that best
-reachable ``(ACR, accuracy, size)`` is Pareto-dominated by a complete feasible trial, or the candidate breaks a
-constraint, the full run could not reach the feasible front either: the trial stops as PRUNED with what it had
+its replay, by :meth:`approxtune.irs.IRSRun.upper_acr` (every remaining sample the best it could be: predicting c_hat
+and losing nothing, and for the signed zeta a gain wherever f misses c_hat), averaged as the final ACR is, so that a
+trial tied with a complete one is never stopped for it.  When that best reachable ``(ACR, accuracy, size)`` is
+Pareto-dominated by a complete feasible trial, or the candidate breaks a constraint, the full run could not reach the
+feasible front either: the trial stops as PRUNED with what it had
 seen in its user attributes (Optuna's pruners do not work for multi-objective studies; we raise
 ``optuna.TrialPruned`` ourselves).  Otherwise the same replay is extended, so no sample is evaluated twice, and only a
 trial that reaches its full pre-set budget reports a certificate.  The front of the trials run is therefore exactly
@@ -280,7 +282,7 @@ def evaluate(
     approx = apply_approximation(model, config, packed).to(device)
     accuracy = clean_accuracy(approx, inputs, device)
     size = model_size_bytes(model, config, packed)
-    run = IRSRun(approx, inputs.x, cache, study.irs_settings, batch_size=study.certify.batch_size, device=device)
+    run = IRSRun(approx, inputs, cache, study.irs_settings, batch_size=study.certify.batch_size, device=device)
     for stage in (0.0, *study.search.race) if race is not None else ():
         run.extend(stage)
         if stage > 0 and run.complete:  # whole noise blocks reached the full budget: nothing left to save
@@ -393,6 +395,7 @@ def settings_attrs(study: Study, meta: CacheMeta) -> dict:
     i = study.irs
     return {
         "cache_fingerprint": cache_fingerprint(meta),
+        "cache_format": meta.format_version,
         "sigma": meta.sigma,
         "n": meta.n,
         "alpha": meta.alpha,
@@ -423,6 +426,7 @@ def study_attrs(study: Study, cache: BaseCache, base_accuracy: float, model: nn.
 
 CHECKED_ATTRS = (
     "cache_fingerprint",
+    "cache_format",
     "sigma",
     "n",
     "alpha",
@@ -433,8 +437,9 @@ CHECKED_ATTRS = (
     "irs_zeta",
     "gamma",
 )
-RECORDED_BEFORE = {"irs_zeta": "disagreement"}
-"""What a study created before an attribute was recorded ran with (zeta counted disagreements until irs.zeta)."""
+RECORDED_BEFORE = {"irs_zeta": "disagreement", "cache_format": 1}
+"""What a study created before an attribute was recorded ran with (zeta counted disagreements until irs.zeta; its
+trials were certified against a cache of format 1 until the format was recorded)."""
 TAIL_ATTRS = ("n_tail", "allocate", "block", "pilot")
 """Checked on resume as well when the IRS mode is "tail" (the other modes ignore them)."""
 
@@ -697,8 +702,14 @@ def _wait_for_setup(optuna_study: optuna.Study, study: Study, timeout: float) ->
 def _check_recorded(study: Study, recorded: dict, attrs: dict) -> None:
     keys = CHECKED_ATTRS + (TAIL_ATTRS if attrs["irs_mode"] == "tail" else ())
     recorded = {**RECORDED_BEFORE, **recorded}
-    diffs = [k for k in keys if recorded.get(k) != attrs[k] and k != _SETUP_MARK]
     fix = f"use a new study.name or output_dir, or delete the study ({_delete_hint(study)})"
+    if recorded["cache_format"] != attrs["cache_format"]:
+        raise StudyMismatchError(
+            f"study {study.name!r} was tuned against a base cache of format {recorded['cache_format']}, whose noise "
+            f"this approxtune no longer draws (it reads format {attrs['cache_format']}): its certificates cannot be "
+            f"mixed with new ones; tune a new study: {fix}"
+        )
+    diffs = [k for k in keys if recorded.get(k) != attrs[k] and k not in (_SETUP_MARK, "cache_format")]
     if diffs:
         changed = "; ".join(f"{k}: study has {recorded.get(k)!r}, now {attrs[k]!r}" for k in diffs)
         raise StudyMismatchError(

@@ -152,7 +152,7 @@ def main() -> None:
         if trial.user_attrs.get("same_as") is not None:
             continue
         config = ApproximationConfig.from_dict(trial.user_attrs["config"])
-        p_hit = replay(apply_approximation(model, config), inputs.x, cache, rows, n) == c_hat
+        p_hit = replay(apply_approximation(model, config), inputs, cache, rows, n) == c_hat
         loss, gain = (f_hit & ~p_hit).mean(axis=1), (~f_hit & p_hit).mean(axis=1)
         d = loss - gain
         alpha = 1.0 - row["confidence"]

@@ -74,7 +74,7 @@ def main() -> None:
         if trial.user_attrs.get("same_as") is not None:
             continue
         config = ApproximationConfig.from_dict(trial.user_attrs["config"])
-        preds = replay(apply_approximation(model, config), inputs.x, cache, rows, n_p)
+        preds = replay(apply_approximation(model, config), inputs, cache, rows, n_p)
         p_hit = preds == c_hat
         dis = (preds != f_preds).sum(axis=1)
         losses, gains = (f_hit & ~p_hit).sum(axis=1), (~f_hit & p_hit).sum(axis=1)

@@ -27,7 +27,7 @@ def reference_predictions(model, x, seeds, stream, start, stop, sigma):
     rows = []
     with torch.no_grad():
         for xi, s in zip(x, seeds, strict=True):
-            noise = sample_noise(int(s), stream, start, stop, tuple(x.shape[1:]), sigma)
+            noise = sample_noise(s, stream, start, stop, tuple(x.shape[1:]), sigma)
             rows.append(model(noise + xi).argmax(1).numpy())
     return np.stack(rows)
 

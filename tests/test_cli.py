@@ -367,3 +367,33 @@ def test_quiet_shows_results_only_and_verbose_lets_optunas_log_through(tuned, ca
             assert done.returncode == 0, done.stderr
             logged = f"Trial {trial} finished with values" in done.stderr
             assert logged == bool(flag), "Optuna's INFO log line of the new trial, with -v only"
+
+
+def test_certify_rebuilds_a_format_1_cache_and_refuses_one_whose_noise_it_cannot_reproduce(tuned, tmp_path, capsys):
+    root, _ = tuned
+    study_file = tmp_path / "tiny.toml"
+    study_file.write_text(TINY)
+    study = load_study(study_file)
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    shutil.copy(root / "runs/tiny/model.pt", tmp_path / "runs/tiny/model.pt")
+    cache = tmp_path / study.cache_path("search")
+    shutil.copytree(root / study.cache_path("search"), cache)
+    good = {p.name: p.read_bytes() for p in cache.iterdir()}
+    meta = json.loads(good["meta.json"])
+
+    # Another installation's noise (its canary is not this one's): refused in one line, the cache left as it is.
+    (cache / "meta.json").write_text(json.dumps({**meta, "noise_canary": "0" * 64}))
+    capsys.readouterr()
+    assert main_in(tmp_path, ["certify", str(study_file)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"error: the base cache {study.cache_path('search')} was certified with noise that this" in err
+    assert "cannot reproduce" in err and "remove it and certify again" in err and "Traceback" not in err
+    assert json.loads((cache / "meta.json").read_text())["noise_canary"] == "0" * 64
+
+    # A cache of format 1 is certified again, saying why; the result is the cache this approxtune writes.
+    old = {k: v for k, v in meta.items() if not k.startswith("noise_")} | {"format_version": 1}
+    (cache / "meta.json").write_text(json.dumps(old))
+    assert main_in(tmp_path, ["certify", str(study_file)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "has cache format 1, this approxtune reads format 2 (its noise came from torch's generator" in err
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == good

@@ -203,7 +203,7 @@ def recertify(
         budget = int(cache.certified.sum()) * recheck.irs.n_p  # tail mode spends at most this, the pilot included
         with progress(f"IRS of {label} on {len(inputs)} report inputs", budget) as advance:
             result = certify_irs(
-                function, inputs.x, cache, recheck.irs, batch_size=recheck.batch_size, device=device, progress=advance
+                function, inputs, cache, recheck.irs, batch_size=recheck.batch_size, device=device, progress=advance
             )
         radii, predicted = result.radius, np.where(result.radius > 0, cache.c_hat, -1)
         samples = f"the first {recheck.irs.n_p} estimation samples, replayed"

@@ -234,6 +234,12 @@ def export_trial(
             f"{chosen.number} was scored against. Recreate it with `approxtune certify {study_file}` (the same "
             "settings give the same cache), then export again"
         ) from None
+    if recorded.get("cache_format", 1) != search_cache.meta.format_version:
+        raise ExportError(
+            f"study {study.name!r} was tuned against a base cache of format {recorded.get('cache_format', 1)}, whose "
+            "noise this approxtune no longer draws, so its trials cannot be replayed: tune a new study (another "
+            "study.name) and export from it"
+        )
     if recorded.get("cache_fingerprint") != cache_fingerprint(search_cache):
         raise ExportError(
             f"the search cache {cache_path} is not the one study {study.name!r} was tuned against (its fingerprint "
@@ -256,7 +262,7 @@ def export_trial(
             f"replay trial {chosen.number} on the search set", int(search_cache.certified.sum()) * settings.n_p
         ) as advance:
             replayed = certify_irs(
-                model, search_inputs.x, search_cache, settings, batch_size=c.batch_size, device=device, progress=advance
+                model, search_inputs, search_cache, settings, batch_size=c.batch_size, device=device, progress=advance
             )
         deployables = [load_deployable(rt, result.path, device) for rt in result.runtimes]
         ready = plan.irs is None or pipeline.reusable_cache(study, base, report_inputs, "report") is not None

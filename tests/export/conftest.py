@@ -83,7 +83,8 @@ def exact(tuned):
     study = load_study(root / "tiny.toml")
     base = load_checkpoint(root / "runs/export-tiny/model.pt", "digits-cnn")
     cache = load_cache(root / study.cache_path("search"))
-    x = pipeline.load_inputs(study, "search").x
+    inputs = pipeline.load_inputs(study, "search")
+    x = inputs.x
     rows = np.flatnonzero(cache.certified)
     out = root / "exact"
     results, replayed, logits, batches = {}, {}, {}, None
@@ -91,7 +92,7 @@ def exact(tuned):
         config = config_named(name)
         results[name] = export.export_model(base, config, out / name, architecture="digits-cnn", example_input=x[:2])
         recorder = Recorder(apply_approximation(base, config))
-        replayed[name] = replay(recorder, x, cache, rows, study.irs.n_p, batch_size=study.certify.batch_size)
+        replayed[name] = replay(recorder, inputs, cache, rows, study.irs.n_p, batch_size=study.certify.batch_size)
         logits[name] = torch.cat(recorder.logits)
         if batches is None:
             batches = recorder.batches

@@ -63,7 +63,7 @@ def test_each_runtime_irs_certificate_recomputed_from_scratch_is_the_exported_on
     assert cert["method"] == "irs" and [c["runtime"] for c in cert["certificates"]] == ["onnxruntime", "torch"]
     for entry in cert["certificates"]:
         function, artifact, version = _functions(directory)[entry["runtime"]]
-        result = certify_irs(function, inputs.x, cache, study.irs_settings, batch_size=study.certify.batch_size)
+        result = certify_irs(function, inputs, cache, study.irs_settings, batch_size=study.certify.batch_size)
         predicted = np.where(result.radius > 0, cache.c_hat, -1)
         _check_entry(entry, directory, artifact, version, result.radius, predicted, _accuracy(function, inputs))
         assert result.radius.max() > 0, "the test certifies something"
@@ -178,7 +178,7 @@ def test_the_certificate_is_the_runtimes_own_function_and_verify_sees_another_on
     inputs = pipeline.load_inputs(study, "report")
     cache = load_cache(root / study.cache_path("report"))
     function = biased(out / "model.onnx", "cpu")
-    result = certify_irs(function, inputs.x, cache, study.irs_settings, batch_size=study.certify.batch_size)
+    result = certify_irs(function, inputs, cache, study.irs_settings, batch_size=study.certify.batch_size)
     assert [p["radius"] for p in onnx["per_input"]] == result.radius.tolist(), "the runtime's own function"
     assert main(["verify", str(out)]) == 0
     monkeypatch.setitem(runtimes._LOADERS, "onnxruntime", real)

@@ -32,11 +32,11 @@ torch.set_num_threads(1)
 names, root = json.loads(sys.argv[1]), sys.argv[2]
 study = load_study("tiny.toml")
 cache = load_cache(study.cache_path("search"))
-x = pipeline.load_inputs(study, "search").x
+inputs = pipeline.load_inputs(study, "search")
 rows = np.flatnonzero(cache.certified)
 for name in names:
     model = approxtune.load_model(f"{root}/{name}")
-    preds = replay(model, x, cache, rows, study.irs.n_p, batch_size=study.certify.batch_size)
+    preds = replay(model, inputs, cache, rows, study.irs.n_p, batch_size=study.certify.batch_size)
     np.save(f"{root}/{name}.load-replay.npy", preds)
 """
 

@@ -8,6 +8,7 @@ import shutil
 import sys
 
 import numpy as np
+import optuna
 import pytest
 from _exports import TINY, run_export, study_of, tree
 from _studies import tiny_study
@@ -221,6 +222,10 @@ def _bad_cases(root, fail_number):
         + '[model]\ncheckpoint = "runs/export-tiny/model.pt"\n'
     )
     nocache = load_study(root / "nocache.toml")
+    old = root / "runs/export-tiny/format1.db"  # the study as it was recorded against a cache of format 1
+    shutil.copy(root / "runs/export-tiny/study.db", old)
+    optuna.load_study(study_name="export-tiny", storage=f"sqlite:///{old}").set_user_attr("cache_format", 1)
+    (root / "format1.toml").write_text(TINY + f'storage = "sqlite:///{old}"\n')
     (root / "occupied").mkdir(exist_ok=True)
     (root / "occupied" / "keep.txt").write_text("not an export")
     return {
@@ -234,6 +239,10 @@ def _bad_cases(root, fail_number):
             "no study 'no-such-study' in sqlite:///runs/export-tiny/study.db",
         ),
         "no cache": (["--trial", 0, "@nocache.toml"], f"the search cache {nocache.cache_path('search')} is missing"),
+        "format 1 study": (
+            ["--trial", 0, "@format1.toml"],
+            "study 'export-tiny' was tuned against a base cache of format 1, whose noise this approxtune no longer",
+        ),
         "exists": (["--trial", 0, "--out", root / "occupied"], "already exists; pass --force to replace it"),
         "not export": (
             ["--trial", 0, "--out", root / "occupied", "--force"],
@@ -252,6 +261,7 @@ BAD = [
     "both",
     "no study",
     "no cache",
+    "format 1 study",
     "exists",
     "not export",
     "unknown runtime",
