@@ -33,10 +33,19 @@ from approxtune.config import Study
 from approxtune.export import ExportResult, export_trial
 from approxtune.job import Job, prepare
 from approxtune.progress import Reporter
+from approxtune.storage import (
+    StopWhenDone,
+    fail_dead_local_trials,
+    is_shared_storage,
+    masked_url,
+    pending_retries,
+    worker_id,
+)
+from approxtune.trials import FINISHED
 
 __all__ = ["Certification", "TuneResult", "certify", "settings", "tune"]
 
-FINISHED = search.FINISHED
+FINISHED = FINISHED
 
 StudyLike = Study | dict | str | Path | None
 
@@ -120,7 +129,7 @@ def _shared_cache(job: Job) -> BaseCache:
         cache = load_cache(path)
     except CacheError as exc:
         raise CacheError(
-            f"{str(exc).split(';')[0]}; with a shared study storage ({search.masked_url(study.storage)}) workers do "
+            f"{str(exc).split(';')[0]}; with a shared study storage ({masked_url(study.storage)}) workers do "
             f"not certify g themselves, which would race the other workers: {first}"
         ) from None
     try:
@@ -200,10 +209,10 @@ def tune(
     """
     reporter = reporter or Reporter(quiet=not verbose)
     study_settings = settings(study, data, **keywords)
-    shared = search.is_shared_storage(study_settings.storage)
+    shared = is_shared_storage(study_settings.storage)
     refusal = (  # a worker on a shared storage would race the others
         f"no checkpoint at {study_settings.checkpoint}; with a shared study storage "
-        f"({search.masked_url(study_settings.storage)}) workers neither train nor certify: {_first(study_settings)}"
+        f"({masked_url(study_settings.storage)}) workers neither train nor certify: {_first(study_settings)}"
     )
     job = prepare(
         study_settings,
@@ -240,7 +249,7 @@ def tune_job(
             f"search.trials = {study.search.trials} is below the {len(opened.enqueued)} baselines: only baselines will "
             "run; raise search.trials to search beyond them (or set search.baselines = false)"
         )
-    dead = search.fail_dead_local_trials(optuna_study)
+    dead = fail_dead_local_trials(optuna_study)
     if dead:
         reporter.warn(f"Trial(s) {', '.join(map(str, dead))} died with their worker on this host: failed, run again.")
     with warnings.catch_warnings():
@@ -249,10 +258,10 @@ def tune_job(
         # keep the trial of a worker that died near its end RUNNING for ever.
         optuna.storages.fail_stale_trials(optuna_study)
     done = len(optuna_study.get_trials(deepcopy=False, states=FINISHED))
-    remaining = max(study.search.trials - done, search.pending_retries(optuna_study))  # retries run before the end
+    remaining = max(study.search.trials - done, pending_retries(optuna_study))  # retries run before the end
     how = f"created it; baselines: {', '.join(opened.enqueued) or 'none'}" if opened.created else "joined it"
     reporter.info(
-        f"Study {study.name!r} ({search.masked_url(study.storage)}): worker {search.worker_id()} {how}; "
+        f"Study {study.name!r} ({masked_url(study.storage)}): worker {worker_id()} {how}; "
         f"{done} trials done, running up to {remaining}; {len(layers)} layers searched; "
         f"certificates hold with probability >= {attrs['confidence']:.4g}."
     )
@@ -271,7 +280,7 @@ def tune_job(
                 objective,
                 n_trials=remaining,
                 timeout=study.search.timeout or None,
-                callbacks=[*callbacks, search.StopWhenDone(study.search.trials)],
+                callbacks=[*callbacks, StopWhenDone(study.search.trials)],
             )
     finished = optuna_study.get_trials(deepcopy=False, states=FINISHED)
     stopped = sum(t.state == TrialState.PRUNED for t in finished)

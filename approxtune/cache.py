@@ -64,6 +64,7 @@ __all__ = [
     "NoiseMismatchError",
     "ShardResult",
     "build_base_cache",
+    "cache_fingerprint",
     "cache_meta",
     "certify_shard",
     "check_noise",
@@ -234,6 +235,12 @@ class BaseCache:
         diffs = self.meta.differences(expected)
         if diffs:
             raise CacheError("the base cache does not belong to this study:\n  " + "\n  ".join(diffs))
+
+
+def cache_fingerprint(cache: BaseCache | CacheMeta) -> str:
+    """SHA-256 of the cache's metadata, which determines its contents (model, inputs, sigma, n, alpha, seed)."""
+    meta = cache.meta if isinstance(cache, BaseCache) else cache
+    return hashlib.sha256(meta.to_json().encode()).hexdigest()
 
 
 def _write_arrays(directory: Path, arrays: dict[str, np.ndarray], meta: CacheMeta) -> None:

@@ -397,3 +397,16 @@ def test_certify_rebuilds_a_format_1_cache_and_refuses_one_whose_noise_it_cannot
     err = " ".join(capsys.readouterr().err.split())
     assert "has cache format 1, this approxtune reads format 2 (its noise came from torch's generator" in err
     assert {p.name: p.read_bytes() for p in cache.iterdir()} == good
+
+
+def test_front_and_help_do_not_import_torch(tuned):
+    """`approxtune front` starts without torch (seconds to import), numpy's scipy.stats or the export's onnx."""
+    root, study = tuned
+    code = (
+        "import sys; from approxtune.cli import main; code = main(['-q', 'front', sys.argv[1]]);"
+        "heavy = [m for m in ('torch', 'onnx', 'onnxruntime', 'scipy.stats', 'optuna_dashboard') if m in sys.modules];"
+        "print(code, heavy)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(study)], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "0 []"

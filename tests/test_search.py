@@ -9,7 +9,7 @@ import torch
 from _mutants import mutant
 from _studies import prepared, tiny_study
 
-from approxtune import search, statistics
+from approxtune import search, statistics, trials
 from approxtune.approximation import apply_approximation
 from approxtune.irs import IRSRun
 
@@ -107,7 +107,7 @@ def test_racing_stops_only_dominated_trials_and_keeps_every_certificate_and_the_
 
 def _front_numbers(optuna_study):
     """The trials on the front, by number: a tied trial that racing dropped is missing here, not hidden by its twin."""
-    return {t.number for t in search.front(optuna_study)}
+    return {t.number for t in trials.front(optuna_study)}
 
 
 def _one_layer(layer, precision):
@@ -287,7 +287,7 @@ def test_a_complete_trial_records_its_exact_result_and_radii_and_shows_rounded_a
     assert result.values == tuple(trial.values) and result.same_as is None
     config = search.ApproximationConfig.from_dict(trial.user_attrs["config"])
     exact = search.evaluate(model, config, inputs, cache, study)
-    assert np.array_equal(result.radii, exact.radii) and np.array_equal(search.trial_radii(trial), exact.radii)
+    assert np.array_equal(result.radii, exact.radii) and np.array_equal(trials.trial_radii(trial), exact.radii)
     assert len(result.radii) == len(cache) and statistics.acr(result.radii) == trial.values[0]
     assert (result.size_ratio, result.certified_accuracy) == (exact.size_ratio, exact.certified_accuracy)
     attrs = trial.user_attrs

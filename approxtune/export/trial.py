@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from approxtune import pipeline, plots
 from approxtune.approximation import ApproximationConfig
-from approxtune.cache import CacheError, load_cache
+from approxtune.cache import CacheError, cache_fingerprint, load_cache
 from approxtune.export.artifacts import attach_artifacts, set_export_attrs
 from approxtune.export.certificate import (
     CERTIFICATE_FORMAT,
@@ -39,7 +39,9 @@ from approxtune.export.runtimes import load_deployable, select_runtimes
 from approxtune.export.writer import ExportResult, check_output, export_model
 from approxtune.irs import certify_irs
 from approxtune.job import Job
-from approxtune.search import cache_fingerprint, clean_accuracy, front, load_existing_study
+from approxtune.search import clean_accuracy
+from approxtune.storage import load_existing_study
+from approxtune.trials import front
 
 __all__ = ["TrialSelectionError", "export_trial", "select_trial"]
 
@@ -80,7 +82,7 @@ def select_trial(
 ) -> tuple[Any, str]:
     """The trial to export and why: trial number ``trial``, or the smallest front model satisfying the rule.
 
-    The rule keeps Pareto-front trials (``search.front``: feasible, non-dominated) with search ACR >= ``min_acr``
+    The rule keeps Pareto-front trials (``front``: feasible, non-dominated) with search ACR >= ``min_acr``
     and clean accuracy >= the study's base accuracy - ``max_accuracy_drop`` (both when both are given), and picks the
     smallest; ties go to the higher ACR, then the higher accuracy, then the lower trial number.
     """
