@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -59,7 +60,8 @@ def main() -> None:
             seconds, modules = run(argv)
             times[name].append(seconds)
             imported[name] = modules
-    machine = f"{platform.machine()}, {cpu_model()}, Python {platform.python_version()}"
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    machine = f"{platform.machine()}, {cpu_model()}, Python {platform.python_version()}, load average {load} at the end"
     results = {
         name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "heavy_imports": imported[name]}
         for name, t in times.items()
