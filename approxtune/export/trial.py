@@ -200,7 +200,7 @@ def export_trial(
     checkpoint) runs before anything is written.  Then f^p is exported (:func:`export_model`: the compressed weights
     and the deployables of ``runtime``), replayed on the search set, and each deployable is re-certified in its
     runtime on the study's report inputs -- ``recheck="irs"``: IRS against the report base cache (built by
-    ``pipeline.ensure_cache`` if needed; an estimate of its cost is logged first); ``"scratch"``: Cohen's CERTIFY on
+    ``pipeline.certify_split`` if needed; an estimate of its cost is logged first); ``"scratch"``: Cohen's CERTIFY on
     noise stream FRESH.  The exported files go onto the trial as Optuna artifacts (those up to
     :data:`~approxtune.export.artifacts.ARTIFACT_MAX_BYTES`), with the front plot; the held-out ACR and accuracy
     (the lowest over the runtimes) and the export's path become user attributes of the trial.
