@@ -1,7 +1,8 @@
 """The per-layer approximation space: weight-only quantization and L1 pruning of a classifier ``f``.
 
-An :class:`ApproximationConfig` maps compressible layers (``nn.Conv2d`` and ``nn.Linear``, addressed by their
-qualified names from ``named_modules()``) to a :class:`LayerChoice` — a precision in :data:`PRECISIONS` and a
+An :class:`ApproximationConfig` maps compressible layers (``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d`` and
+``nn.Linear``, addressed by their qualified names from ``named_modules()``; output channels along dim 0 of the weight)
+to a :class:`LayerChoice` — a precision in :data:`PRECISIONS` and a
 within-layer L1 pruning amount in [0, 1) — plus an optional *global* L1 pruning amount across all of the config's
 layers.  Layers that the config does not name are left exactly as they are; only weights change (biases, BatchNorm
 and every other tensor stay fp32).
@@ -66,6 +67,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from approxtune.config import PRECISIONS
+from approxtune.errors import ApproxtuneError
+
 __all__ = [
     "COMPRESSIBLE_TYPES",
     "PRECISIONS",
@@ -82,13 +86,13 @@ __all__ = [
     "global_l1_masks",
     "l1_mask",
     "model_size_bytes",
+    "packed_precision",
     "preset",
     "pruning_masks",
     "size_ratio",
 ]
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
-COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 _QMAX = {"int8": 127, "int4": 7}
 _VALUE_DTYPES = {
@@ -104,7 +108,7 @@ _PACKED_KEYS = ("values", "scale", "mask")
 Packed = dict[str, np.ndarray]
 
 
-class ApproximationError(ValueError):
+class ApproximationError(ApproxtuneError):
     """An approximation config, layer selection or packed layer that does not fit (with the valid choices)."""
 
 
@@ -127,7 +131,7 @@ def _suggest(word: str, valid: Iterable[str]) -> str:
 def compressible_layers(
     model: nn.Module, include: list[str] | None = None, exclude: list[str] | None = None
 ) -> list[str]:
-    """Qualified names of ``model``'s ``nn.Conv2d``/``nn.Linear`` modules (subclasses too), in module order.
+    """Qualified names of ``model``'s Conv1d/Conv2d/Conv3d/Linear modules (subclasses too), in module order.
 
     ``include`` keeps only layers matching at least one glob pattern (``fnmatch``, case-sensitive; ``*`` also matches
     dots); ``None`` or ``[]`` keeps all.  ``exclude`` then drops layers matching any of its patterns.  Every pattern
@@ -435,17 +439,23 @@ def compress_layer(weight: torch.Tensor, choice: LayerChoice, mask: torch.Tensor
     return arrays
 
 
+def packed_precision(packed: Mapping[str, np.ndarray]) -> str:
+    """The precision that a packed layer stores, read from the dtype of its ``values``."""
+    values = packed.get("values")
+    precision = None if values is None else _PRECISION_OF_DTYPE.get(np.asarray(values).dtype)
+    if precision is None:
+        found = "no 'values'" if values is None else f"'values' of dtype {np.asarray(values).dtype}"
+        raise ApproximationError(f"packed layer: {found}, not one of the stored dtypes")
+    return precision
+
+
 def decompress_layer(packed: Mapping[str, np.ndarray], shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
     """The fp32 weight tensor of shape ``shape`` that ``packed`` (from :func:`compress_layer`) stores."""
     shape = tuple(int(s) for s in shape)
     n = math.prod(shape)
     _check_keys(packed, _PACKED_KEYS, "packed layer")
-    if "values" not in packed:
-        raise ApproximationError("packed layer: missing 'values'")
+    precision = packed_precision(packed)
     values = np.asarray(packed["values"]).reshape(-1)
-    precision = _PRECISION_OF_DTYPE.get(values.dtype)
-    if precision is None:
-        raise ApproximationError(f"packed layer: 'values' has dtype {values.dtype}, not one of the stored dtypes")
     keep = None
     if "mask" in packed:
         bits = np.asarray(packed["mask"], dtype=np.uint8).reshape(-1)

@@ -1,17 +1,22 @@
 """The base-certification cache C_f: what IRS reuses from certifying the smoothed base model g once.
 
-On-disk format (version 1): a directory holding ``meta.json`` and one ``.npy`` file per array, no pickle anywhere::
+On-disk format (version 2): a directory holding ``meta.json`` and one ``.npy`` file per array, no pickle anywhere::
 
     meta.json         format_version, sigma, n0, n, alpha, seed, block_size, num_classes, num_inputs,
-                      model_fingerprint, inputs_fingerprint
+                      model_fingerprint, inputs_fingerprint, noise_generator, noise_canary
     index.npy         int64   (N,)    dataset index of each input (its noise seed derives from it)
     label.npy         int64   (N,)    true label
     c_hat.npy         int64   (N,)    class chosen by CERTIFY's n0 selection samples
     count.npy         int64   (N,)    number of the n estimation samples that f assigned to c_hat
     p_a.npy           float64 (N,)    one-sided (1 - alpha) Clopper-Pearson lower bound on P(f(x + eps) = c_hat)
     radius.npy        float64 (N,)    sigma * Phi^-1(p_a), 0 where CERTIFY abstained (whatever the label)
-    seed.npy          int64   (N,)    noise seed of the input (see approxtune.noise)
+    seed.npy          uint64  (N, 2)  noise seed of the input: (run seed, dataset index) (see approxtune.noise)
     predictions.npy   uint8/16 (N, n) f's class on each estimation sample, in sample order
+
+``noise_generator`` names what made the noise (:data:`approxtune.noise.NOISE_GENERATOR`) and ``noise_canary`` is
+:func:`approxtune.noise.canary` on the machine that certified: a cache is loaded only where both are reproduced, so it
+is never replayed against other noise than the one it was certified with.  Format 1 (noise from torch's generator,
+32-bit seeds, other bits on other CPUs) is refused with a request to certify again, and so are its partial chunks.
 
 ``predictions.npy`` is memory-mapped when loaded.  The directory is written under a temporary name and renamed into
 place, so a reader never sees half a cache.  While a base certification runs, finished chunks of inputs are kept in
@@ -46,7 +51,8 @@ from torch import nn
 
 from approxtune.certification import DEFAULT_BATCH_SIZE, certify
 from approxtune.data import Inputs
-from approxtune.noise import DEFAULT_BLOCK_SIZE, input_seeds
+from approxtune.errors import ApproxtuneError
+from approxtune.noise import DEFAULT_BLOCK_SIZE, NOISE_GENERATOR, canary, input_seeds
 from approxtune.statistics import acr, certified_accuracy
 
 __all__ = [
@@ -55,10 +61,13 @@ __all__ = [
     "CacheError",
     "CacheMeta",
     "CertifySettings",
+    "NoiseMismatchError",
     "ShardResult",
     "build_base_cache",
+    "cache_fingerprint",
     "cache_meta",
     "certify_shard",
+    "check_noise",
     "chunk_ranges",
     "load_cache",
     "merge_base_cache",
@@ -66,14 +75,49 @@ __all__ = [
     "parse_shard",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ARRAYS = ("index", "label", "c_hat", "count", "p_a", "radius", "seed", "predictions")
 CHUNK_SAMPLES = 1 << 18
 """A base certification is checkpointed after every chunk of about this many noise samples."""
 
 
-class CacheError(ValueError):
+class CacheError(ApproxtuneError):
     """A cache that is missing, malformed or belongs to another model, sigma or input set."""
+
+
+class NoiseMismatchError(CacheError):
+    """A cache whose noise this installation cannot reproduce: it must not be replayed, nor silently rebuilt."""
+
+
+_FORMAT_HINTS = {
+    1: "its noise came from torch's generator (32-bit seeds, other bits on other CPUs) and cannot be replayed",
+}
+
+
+_RECERTIFY = "certify again (approxtune certify STUDY.toml)"
+
+
+def _check_format(data: dict, what: str, fix: str = _RECERTIFY) -> None:
+    """Raise :class:`CacheError` saying ``fix`` unless ``data`` is metadata of this :data:`FORMAT_VERSION`."""
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        why = _FORMAT_HINTS.get(version, "written by another approxtune")
+        raise CacheError(
+            f"{what} has cache format {version}, this approxtune reads format {FORMAT_VERSION} ({why}): {fix}"
+        )
+
+
+def check_noise(meta: CacheMeta, what: str) -> None:
+    """Raise :class:`NoiseMismatchError` unless this installation regenerates the noise ``meta`` was certified with
+    (the same :data:`~approxtune.noise.NOISE_GENERATOR` and :func:`~approxtune.noise.canary`)."""
+    if meta.noise_generator != NOISE_GENERATOR or meta.noise_canary != canary():
+        generator = "the same generator" if meta.noise_generator == NOISE_GENERATOR else repr(NOISE_GENERATOR)
+        raise NoiseMismatchError(
+            f"{what} was certified with noise that this installation cannot reproduce (its canary "
+            f"{meta.noise_canary[:16]}, here {canary()[:16]} with {generator} and numpy {np.__version__}), so "
+            "replaying it would certify against other noise: use the approxtune and numpy that built it, or remove it "
+            "and certify again"
+        )
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -99,6 +143,8 @@ class CacheMeta:
     num_inputs: int
     model_fingerprint: str
     inputs_fingerprint: str
+    noise_generator: str
+    noise_canary: str
     num_classes: int = 0
     format_version: int = FORMAT_VERSION
 
@@ -106,8 +152,10 @@ class CacheMeta:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> CacheMeta:
+    def from_json(cls, text: str, what: str = "the cache", fix: str = _RECERTIFY) -> CacheMeta:
+        """Parse ``meta.json``; raises :class:`CacheError` naming ``what`` (and ``fix``) for another format."""
         data = json.loads(text)
+        _check_format(data, what, fix)
         names = {f.name for f in fields(cls)}
         if set(data) != names:
             raise CacheError(f"cache metadata has keys {sorted(data)}, expected {sorted(names)}")
@@ -121,6 +169,8 @@ class CacheMeta:
         labels = {
             "model_fingerprint": "the model (weights fingerprint)",
             "inputs_fingerprint": "the input set (fingerprint of images, labels and indices)",
+            "noise_generator": "the noise generator",
+            "noise_canary": "the noise (canary hash of regenerated blocks)",
         }
         out = []
         for f in fields(self):
@@ -170,11 +220,27 @@ class BaseCache:
         out.update({f"cert_acc@{x:g}": certified_accuracy(r, x) for x in radii})
         return out
 
+    def check_inputs(self, inputs: Inputs) -> None:
+        """Raise :class:`CacheError` unless ``inputs`` are the ones this cache certified, in the cache's order."""
+        if len(inputs) != len(self):
+            raise CacheError(f"{len(inputs)} inputs given for a cache of {len(self)} inputs")
+        if inputs.fingerprint() != self.meta.inputs_fingerprint:
+            raise CacheError(
+                "the inputs are not the ones this cache certified (their fingerprint differs: other images, labels, "
+                "indices or order): pass the cache's own inputs, in the cache's order"
+            )
+
     def check(self, expected: CacheMeta) -> None:
         """Raise :class:`CacheError` naming every setting in which this cache differs from ``expected``."""
         diffs = self.meta.differences(expected)
         if diffs:
             raise CacheError("the base cache does not belong to this study:\n  " + "\n  ".join(diffs))
+
+
+def cache_fingerprint(cache: BaseCache | CacheMeta) -> str:
+    """SHA-256 of the cache's metadata, which determines its contents (model, inputs, sigma, n, alpha, seed)."""
+    meta = cache.meta if isinstance(cache, BaseCache) else cache
+    return hashlib.sha256(meta.to_json().encode()).hexdigest()
 
 
 def _write_arrays(directory: Path, arrays: dict[str, np.ndarray], meta: CacheMeta) -> None:
@@ -201,17 +267,17 @@ def load_cache(path: str | Path, mmap: bool = True) -> BaseCache:
     path = Path(path)
     if not (path / "meta.json").is_file():
         raise CacheError(f"no base cache at {path}; create it with `approxtune certify STUDY.toml`")
-    meta = CacheMeta.from_json((path / "meta.json").read_text())
-    if meta.format_version != FORMAT_VERSION:
-        raise CacheError(f"{path} has cache format {meta.format_version}; this approxtune reads {FORMAT_VERSION}")
+    meta = CacheMeta.from_json((path / "meta.json").read_text(), f"the base cache {path}")
+    check_noise(meta, f"the base cache {path}")
     arrays = {}
     for name in ARRAYS:
         file = path / f"{name}.npy"
         if not file.is_file():
             raise CacheError(f"base cache {path} is incomplete: {file.name} is missing")
         arrays[name] = np.load(file, mmap_mode="r" if mmap and name == "predictions" else None, allow_pickle=False)
-    if arrays["predictions"].shape != (meta.num_inputs, meta.n):
-        raise CacheError(f"base cache {path} is malformed: predictions have shape {arrays['predictions'].shape}")
+    for name, shape in (("predictions", (meta.num_inputs, meta.n)), ("seed", (meta.num_inputs, 2))):
+        if arrays[name].shape != shape:
+            raise CacheError(f"base cache {path} is malformed: {name} has shape {arrays[name].shape}, not {shape}")
     return BaseCache(meta=meta, **arrays)
 
 
@@ -278,6 +344,8 @@ def cache_meta(model: nn.Module, inputs: Inputs, settings: CertifySettings) -> C
         num_inputs=len(inputs),
         model_fingerprint=model_fingerprint(model),
         inputs_fingerprint=inputs.fingerprint(),
+        noise_generator=NOISE_GENERATOR,
+        noise_canary=canary(),
     )
 
 
@@ -290,10 +358,16 @@ def _process_tag() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def _read_meta(file: Path) -> CacheMeta | None:
+def _read_meta(partial: Path) -> CacheMeta | None:
+    """The settings recorded in ``partial``, None if none can be read; :class:`CacheError` for another format."""
     try:
-        return CacheMeta.from_json(file.read_text())
-    except (OSError, ValueError, TypeError):
+        data = json.loads((partial / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    _check_format(data, f"the parts in {partial}", f"remove {partial} and run the shards again")
+    try:
+        return CacheMeta.from_json(json.dumps(data))
+    except (ValueError, TypeError):
         return None
 
 
@@ -311,7 +385,12 @@ def _prepare_partial(partial: Path, meta: CacheMeta, *, discard_foreign: bool) -
     """
     meta_file = partial / "meta.json"
     if partial.exists():
-        existing = _read_meta(meta_file)
+        try:
+            existing = _read_meta(partial)
+        except CacheError:  # parts of another cache format
+            if not discard_foreign:
+                raise
+            existing = None
         if discard_foreign and existing != meta:
             shutil.rmtree(partial)  # left over from other settings: useless
         elif existing is not None and existing != meta:
@@ -338,7 +417,9 @@ def _read_chunk(file: Path, meta: CacheMeta, lo: int, hi: int) -> dict[str, np.n
         raise CacheError(f"part {file.name} cannot be read ({type(exc).__name__}: {exc})") from None
     if "meta" not in arrays:
         raise CacheError(f"part {file.name} records no settings (written by an older approxtune)")
-    recorded = CacheMeta.from_json(str(arrays.pop("meta")))
+    recorded = CacheMeta.from_json(
+        str(arrays.pop("meta")), f"part {file.name}", f"remove {file.parent} and run the shards again"
+    )
     diffs = recorded.differences(meta, have="part has")
     if diffs:
         raise CacheError(f"part {file.name} was certified with other settings:\n  " + "\n  ".join(diffs))
@@ -509,7 +590,7 @@ def merge_base_cache(
             f"no shard parts at {partial}: run the shards first (certify --shard I/K, for I = 0 .. K-1), "
             "writing to this directory or copying their chunk files into it"
         )
-    recorded = _read_meta(partial / "meta.json")
+    recorded = _read_meta(partial)
     if recorded is not None and recorded != meta:
         raise CacheError(
             f"the parts in {partial} belong to another base certification:\n  "

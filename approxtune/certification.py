@@ -1,8 +1,8 @@
 """Sampling under noise and Cohen et al.'s CERTIFY (Algorithm 1 of the IRS paper).
 
-The hot loop — noise, forward pass, argmax, counts — is batched across samples *and* inputs: noise blocks of
-consecutive inputs are written side by side into one preallocated batch, so a small model runs at close to its bare
-forward-pass throughput however few samples each input needs.
+The hot loop — noise, forward pass, argmax, counts — is batched across samples *and* inputs: the noise blocks of a
+batch (of consecutive inputs) are drawn in one vectorised call and written side by side into one preallocated batch,
+so a small model runs at close to its bare forward-pass throughput however few samples each input needs.
 """
 
 from __future__ import annotations
@@ -14,12 +14,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from approxtune.noise import DEFAULT_BLOCK_SIZE, Stream, blocks, noise_block
+from approxtune.noise import DEFAULT_BLOCK_SIZE, Stream, blocks, normal_blocks
 from approxtune.statistics import lower_confidence_bound, radius
 
 __all__ = ["DEFAULT_BATCH_SIZE", "CertifyResult", "certify", "class_dtype", "predict_under_noise"]
 
 DEFAULT_BATCH_SIZE = 512
+NOISE_CHUNK = 1 << 18
+"""Noise is drawn for whole batches at a time, at least this many numbers per call: small inputs (the digits' 64
+numbers) would otherwise pay the generator's fixed cost per call on every batch."""
+
+Piece = tuple[int, int, int, int, int, int]
+"""A run of one input's noise samples in a batch: (input, first column, offset in the batch, block, lo, hi)."""
 
 Progress = Callable[[int], None]
 """Called with the number of noise samples just evaluated."""
@@ -41,7 +47,7 @@ def _per_input(value: int | np.ndarray, count: int, name: str) -> np.ndarray:
 
 
 def predict_under_noise(
-    model: nn.Module,
+    model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
     inputs: torch.Tensor,
     seeds: np.ndarray,
     stream: int,
@@ -56,10 +62,11 @@ def predict_under_noise(
 ) -> np.ndarray:
     """``model``'s predicted class on noise samples ``start .. stop-1`` of every input.
 
-    Sample ``j`` of input ``i`` is ``inputs[i] + sigma * eps_j`` with ``eps_j`` from :mod:`approxtune.noise` (stream
-    ``stream``, seed ``seeds[i]``), so any range is reproducible bit for bit.  ``start`` and ``stop`` are scalars or one
-    value per input.  Returns an array of shape ``(len(inputs), max(stop - start))`` of the smallest unsigned type that
-    holds the class count; entries past an input's own range are 0.  The model is put in eval mode.
+    Sample ``j`` of input ``i`` is ``inputs[i] + sigma * eps_j`` (float32) with ``eps_j`` from :mod:`approxtune.noise`
+    (stream ``stream``, seed ``seeds[i]``, two words), the same bits on any machine.  ``start`` and ``stop`` are scalars
+    or one value per input.  Returns an array of shape ``(len(inputs), max(stop - start))`` of the smallest unsigned
+    type that holds the class count; entries past an input's own range are 0.  ``model`` is any function from a batch
+    to its logits; an ``nn.Module`` is put in eval mode and runs on its parameters' device unless ``device`` is given.
     """
     n_inputs = len(inputs)
     starts = _per_input(start, n_inputs, "start")
@@ -70,57 +77,71 @@ def predict_under_noise(
         raise ValueError(f"sigma must be positive, got {sigma}")
     width = int(np.max(np.asarray(stop) - np.asarray(start), initial=0))
     shape = tuple(inputs.shape[1:])
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.eval()
+    if isinstance(model, nn.Module):
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        model.eval()
+    device = torch.device(device or "cpu")
 
     inputs_cpu = inputs.detach().to("cpu", torch.float32)
+    count = block_size * int(np.prod(shape, dtype=np.int64))
     buf = torch.empty((batch_size + block_size, *shape), dtype=torch.float32)
-    scratch = torch.empty((block_size, *shape), dtype=torch.float32)
-    pieces: list[tuple[int, int, int, int]] = []  # (input, first column, offset in buf, length)
+    pieces: list[Piece] = []  # of the batch being filled
+    waiting: list[list[Piece]] = []  # full batches whose noise is drawn together, NOISE_CHUNK numbers or more
     fill = 0
     out: np.ndarray | None = None
+    # x + sigma * eps is computed with numpy on views of the same memory, one IEEE float32 operation per ufunc call
+    # (so the same bits on every CPU: no fused or approximate SIMD arithmetic), and numpy's elementwise ops stay on
+    # this thread, while torch splits a block of more than 32k numbers (64 CIFAR samples) across its thread pool,
+    # which stalls whenever another process holds a core.
+    buf_np, inputs_np = buf.numpy(), inputs_cpu.numpy()
+    scale = np.float32(sigma)
 
-    def flush() -> None:
-        nonlocal fill, out
-        if fill == 0:
-            return
-        logits = model(buf[:fill].to(device, non_blocking=True))
+    def forward(batch: list[Piece], eps: np.ndarray) -> None:
+        """Fill the buffer with ``batch``'s noisy samples (``eps``: its blocks' noise, in order), classify them."""
+        nonlocal out
+        size = 0
+        for (i, _, off, _, lo, hi), noise in zip(batch, eps, strict=True):
+            dest = buf_np[off : off + hi - lo]
+            np.multiply(noise[lo:hi], scale, out=dest)
+            np.add(dest, inputs_np[i], out=dest)
+            size = off + hi - lo
+        logits = model(buf[:size].to(device, non_blocking=True))
         preds = logits.argmax(dim=1).cpu().numpy()
         if out is None:
             out = np.zeros((n_inputs, width), dtype=class_dtype(logits.shape[1]))
-        for i, col, off, length in pieces:
-            out[i, col : col + length] = preds[off : off + length]
+        for i, col, off, _, lo, hi in batch:
+            out[i, col : col + hi - lo] = preds[off : off + hi - lo]
         if progress is not None:
-            progress(fill)
-        pieces.clear()
-        fill = 0
+            progress(size)
 
-    # x + sigma * eps is computed with numpy on views of the same memory: numpy's elementwise ops stay on this thread,
-    # while torch splits a block of more than 32k numbers (64 CIFAR samples) across its thread pool, which stalls
-    # whenever another process holds a core.  The same IEEE float32 operations, so the same bits.
-    buf_np, scratch_np, inputs_np = buf.numpy(), scratch.numpy(), inputs_cpu.numpy()
-    scale = np.float32(sigma)
+    def run_waiting() -> None:
+        """Draw the noise of every waiting batch in one call (a vectorised pass over many blocks), then run them."""
+        every = [p for batch in waiting for p in batch]
+        if not every:
+            return
+        eps = normal_blocks(seeds[[p[0] for p in every]], stream, np.array([p[3] for p in every]), count)
+        eps = eps.reshape((len(every), block_size, *shape))
+        first = 0
+        for batch in waiting:
+            forward(batch, eps[first : first + len(batch)])
+            first += len(batch)
+        waiting.clear()
 
     with torch.inference_mode():
         for i in range(n_inputs):
-            seed = int(seeds[i])
             col = 0
             for block, lo, hi in blocks(int(starts[i]), int(stops[i]), block_size):
-                length = hi - lo
-                if lo == 0:  # the block starts here: draw it in place (the buffer has room for a whole block)
-                    noise_block(seed, stream, block, shape, block_size, out=buf[fill : fill + block_size])
-                else:
-                    noise_block(seed, stream, block, shape, block_size, out=scratch)
-                    buf_np[fill : fill + length] = scratch_np[lo:hi]
-                dest = buf_np[fill : fill + length]
-                np.multiply(dest, scale, out=dest)
-                np.add(dest, inputs_np[i], out=dest)
-                pieces.append((i, col, fill, length))
-                fill += length
-                col += length
+                pieces.append((i, col, fill, block, lo, hi))
+                fill += hi - lo
+                col += hi - lo
                 if fill >= batch_size:
-                    flush()
-        flush()
+                    waiting.append(pieces)
+                    pieces, fill = [], 0
+                    if sum(map(len, waiting)) * count >= NOISE_CHUNK:
+                        run_waiting()
+        if pieces:
+            waiting.append(pieces)
+        run_waiting()
     if out is None:  # nothing was sampled
         with torch.inference_mode():
             num_classes = model(inputs_cpu[:1].to(device)).shape[1] if n_inputs else 2

@@ -1,136 +1,103 @@
-"""The ``approxtune`` command line.
+"""The ``approxtune`` command line: a thin layer over the Python API (:mod:`approxtune.api`) and the export.
 
 Every command takes a study file.  Bad input (a malformed study, a missing checkpoint or data folder, a cache of
 another model) ends with a one-line ``error:`` message and exit code 2, before anything is written; ``--debug`` shows
 the traceback instead.
+
+Each command imports the modules it runs inside its function: the ones that run models import torch (seconds), the
+front imports matplotlib and plotly, and ``--help`` none of them (``benchmarks/cli_results.md``).
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import os
 import signal
 import sys
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import optuna
-import torch
-from optuna.study import MaxTrialsCallback
-from optuna.trial import TrialState
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from approxtune import cache as cache_mod
-from approxtune import guided, pipeline, report, search
-from approxtune.cache import BaseCache, CacheError, CacheMeta, load_cache
 from approxtune.config import Study, load_study
-from approxtune.data import Inputs
-from approxtune.search import clean_accuracy
+from approxtune.progress import Reporter
+from approxtune.storage import load_existing_study
+from approxtune.trials import feasible
+
+if TYPE_CHECKING:
+    from approxtune.cache import BaseCache, CacheMeta
 
 console = Console(stderr=True)
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-"""Trials that count towards search.trials: a trial stopped by racing was a candidate evaluated."""
+reporter = Reporter(console)
 out = Console()
 
 CERT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
 
 
-@contextmanager
-def progress_bar(description: str, total: int) -> Iterator[callable]:
-    """A rich progress bar; yields ``advance(count)``."""
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda count: bar.advance(task, count)
-
-
-def _model(study: Study, device: torch.device) -> torch.nn.Module:
-    if not study.checkpoint.exists() and study.model.arch in pipeline.TRAINABLE:
-        console.print(f"No checkpoint at {study.checkpoint}: training the {study.model.arch} base model first.")
-        return _train(study).to(device)
-    return pipeline.ensure_model(study).to(device)
-
-
-def _train(study: Study) -> torch.nn.Module:
-    with progress_bar(f"train {study.model.arch} (sigma={study.certify.sigma:g})", study.train.epochs) as advance:
-        model = pipeline.train_study_model(study, progress=lambda epoch, loss: advance(1))
-    console.print(f"Saved the base model to {study.checkpoint}")
-    return model
-
-
-def _cache(study: Study, model: torch.nn.Module, split: str, device: torch.device) -> tuple[BaseCache, float]:
-    inputs = pipeline.load_inputs(study, split)
-    c = study.certify
-    with progress_bar(f"certify g on {len(inputs)} {split} inputs", len(inputs) * (c.n0 + c.n)) as advance:
-        cache, built = pipeline.ensure_cache(
-            study,
-            model,
-            inputs,
-            split,
-            device=device,
-            progress=advance,
-            on_rebuild=lambda why: console.print(f"[yellow]Rebuilding {study.cache_path(split)}[/]: {why}"),
-            on_adopt=console.print,
-        )
-    verb = "Wrote" if built else "Reusing"
-    console.print(f"{verb} the base cache {study.cache_path(split)}")
-    return cache, clean_accuracy(model, inputs, device)
+def progress_bar(description: str, total: int) -> AbstractContextManager[Callable[[int], None]]:
+    """A rich progress bar on stderr; yields ``advance(count)``."""
+    return reporter.progress(description, total)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from approxtune import pipeline
+
     study = load_study(args.study)
-    _train(study)
+    with progress_bar(f"train {study.model.builtin_arch} (sigma={study.certify.sigma:g})", study.train.epochs) as bar:
+        pipeline.train_study_model(study, progress=lambda epoch, loss: bar(1))
+    reporter.info(f"Saved the base model to {study.checkpoint}")
 
 
 def cmd_certify(args: argparse.Namespace) -> None:
+    from approxtune import api
+
     study = load_study(args.study)
-    device = pipeline.resolve_device(study, args.device)
     if args.shard is not None or args.merge:
-        _certify_split(study, args, device)
+        _certify_split(study, args)
         return
-    model = _model(study, device)
-    cache, accuracy = _cache(study, model, args.split, device)
-    _print_certification(cache, accuracy, args.split)
+    result = api.certify(study=study, split=args.split, device=args.device, reporter=reporter)
+    _print_certification(result.cache, result.accuracy, args.split)
 
 
-def _certify_split(study: Study, args: argparse.Namespace, device: torch.device) -> None:
+def _certify_split(study: Study, args: argparse.Namespace) -> None:
     """``certify --shard I/K`` (one part of the inputs, into ``<cache>.partial/``) or ``certify --merge``."""
+    from approxtune import cache as cache_mod
+    from approxtune import pipeline
+    from approxtune.job import prepare
+    from approxtune.search import clean_accuracy
+
     shard = cache_mod.parse_shard(args.shard) if args.shard is not None else None
-    if not study.checkpoint.exists():
+    if pipeline.needs_training(study):
         raise ValueError(
             f"no checkpoint at {study.checkpoint}: shards and merges use the model every shard shares; train it once "
             f"first (approxtune train {args.study}, or put the checkpoint there / set model.checkpoint)"
         )
-    model = pipeline.ensure_model(study).to(device)
-    inputs = pipeline.load_inputs(study, args.split)
+    job = prepare(study, device=args.device, no_training=f"no checkpoint at {study.checkpoint}")
+    model, device, inputs = job.model, job.device, job.inputs(args.split)
     path = study.cache_path(args.split)
     expected = pipeline.expected_meta(study, model, inputs, args.split)
-    pipeline.adopt_legacy_cache(study, args.split, expected, console.print)
+    pipeline.adopt_legacy_cache(study, args.split, expected, reporter.info)
     c = study.certify
     settings = pipeline.certify_settings(study, args.split)
     existing = _matching_cache(path, expected)
     if existing is not None:
-        console.print(f"The base cache {path} is already complete.")
+        reporter.info(f"The base cache {path} is already complete.")
         if args.merge:
             _print_certification(existing, clean_accuracy(model, inputs, device), args.split)
         return
     if args.merge:
         cache = cache_mod.merge_base_cache(model, inputs, path, settings, device=device)
-        console.print(f"Merged the shards into the base cache {path}")
+        reporter.info(f"Merged the shards into the base cache {path}")
         _print_certification(cache, clean_accuracy(model, inputs, device), args.split)
         return
     i, k = shard
@@ -152,10 +119,14 @@ def _certify_split(study: Study, args: argparse.Namespace, device: torch.device)
 
 
 def _matching_cache(path: Path, expected: CacheMeta) -> BaseCache | None:
+    from approxtune.cache import CacheError, NoiseMismatchError, load_cache
+
     try:
         cache = load_cache(path)
         cache.check(expected)
         return cache
+    except NoiseMismatchError:
+        raise  # another installation can replay it: never certify over it
     except CacheError:
         return None
 
@@ -199,177 +170,88 @@ class StopAfterTrial:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        console.print("[yellow]Stopping after the current trial (Ctrl-C again to abort it).[/]")
+        reporter.warn("Stopping after the current trial (Ctrl-C again to abort it).")
 
     def __call__(self, optuna_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if self.requested:
             optuna_study.stop()
 
 
-def cmd_tune(args: argparse.Namespace) -> None:
+def cmd_tune(args: argparse.Namespace) -> int:
+    from approxtune import api, pipeline
+
     study = load_study(args.study)
-    device = pipeline.resolve_device(study, args.device)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    shared = search.is_shared_storage(study.storage)
-    if shared:
-        # One of several workers: it must not train a model or certify g on its own, racing the others.
-        model, inputs, cache, base_accuracy = _worker_artifacts(study, args, device)
-    else:
-        model = _model(study, device)
-        cache, base_accuracy = _cache(study, model, "search", device)
-        inputs = pipeline.load_inputs(study, "search")
-    attrs = search.study_attrs(study, cache, base_accuracy, model)
-    layers = search.searched_layers(study, model)
-    guide = _guide(study, model, inputs, cache, layers, device) if study.search.sampler == "guided" else None
-    opened = search.create_study(study, attrs, layers, guide=guide)
-    optuna_study = opened.study
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        # Optuna checks for stale trials only when a trial starts; a study that needs no more trials would otherwise
-        # keep the trial of a worker that died near its end RUNNING for ever.
-        optuna.storages.fail_stale_trials(optuna_study)
-    done = len(optuna_study.get_trials(deepcopy=False, states=FINISHED))
-    remaining = max(0, study.search.trials - done)
-    how = f"created it; baselines: {', '.join(opened.enqueued) or 'none'}" if opened.created else "joined it"
-    console.print(
-        f"Study {study.name!r} ({search.masked_url(study.storage)}): worker {search.worker_id()} {how}; "
-        f"{done} trials done, running up to {remaining}; {len(layers)} layers searched; "
-        f"certificates hold with probability >= {attrs['confidence']:.4g}.",
-        highlight=False,
-    )
-    if remaining:
-        fp32_size = attrs["fp32_size_bytes"]
-        with progress_bar("trials", remaining) as advance, StopAfterTrial() as stopper:
-
-            def on_result(trial: optuna.Trial, result: search.TrialResult | search.Stopped) -> None:
-                if isinstance(result, search.Stopped):
-                    acr, accuracy, size = result.upper
-                    line = f"ACR ≤{acr:.4f} acc {accuracy:.3f}  size {size / fp32_size:6.1%}  {result.seconds:5.1f}s"
-                    line += f"  stopped at {result.stage:.1%} of its samples: {result.reason}"
-                else:
-                    line = f"ACR {result.acr:.4f}  acc {result.accuracy:.3f}  size {result.size_ratio:6.1%}"
-                    line += f"  {result.seconds:5.1f}s  {result.config.summary()}"
-                    if result.same_as is not None:
-                        line += f"  (same configuration as trial {result.same_as}: its certificate, no samples)"
-                console.print(f"trial {trial.number:3d}  {line}", highlight=False)
-                advance(1)
-
-            objective = search.make_objective(study, model, inputs, cache, base_accuracy, device, on_result)
-            optuna_study.optimize(
-                objective,
-                n_trials=remaining,
-                timeout=study.search.timeout or None,
-                callbacks=[stopper, MaxTrialsCallback(study.search.trials, states=FINISHED)],
-            )
-    finished = optuna_study.get_trials(deepcopy=False, states=FINISHED)
-    stopped = sum(t.state == TrialState.PRUNED for t in finished)
-    if stopped:
-        console.print(f"Racing stopped {stopped} trial(s) early: they could not reach the front (search.race).")
-    repeats = sum(t.user_attrs.get("same_as") is not None for t in finished)
-    if repeats:
-        console.print(f"{repeats} trial(s) repeated an earlier configuration and took its result without sampling.")
-    _show_front(study, optuna_study, as_json=False)
+    with StopAfterTrial() as stopper:
+        result = api.tune(study=study, device=args.device, reporter=reporter, callbacks=[stopper])
+    _show_front(study, result.study, as_json=False)
+    if not study.cache_path("report").exists():
+        out.print(f"Before `approxtune export`, {pipeline.report_cache_hint(study)}.", highlight=False)
+    return INTERRUPTED if stopper.requested else 0  # scripts can tell a stopped run from a finished one
 
 
-def _guide(
-    study: Study, model: torch.nn.Module, inputs: Inputs, cache: BaseCache, layers: list[str], device: torch.device
-) -> guided.Guide:
-    """The guided sampler's guide: layer sensitivities reused from beside the cache, or measured now (with a bar)."""
-    guide, measured = guided.build_guide(
-        study,
-        model,
-        inputs.x,
-        cache,
-        layers,
-        device=device,
-        progress=lambda total: progress_bar("layer sensitivities", total),
-    )
-    s = guide.sensitivity
-    trial = study.irs.n_p * max(len(s.rows), 1)
-    verb = "Measured" if measured else "Reusing"
-    console.print(
-        f"{verb} the layer sensitivities ({len(s.lost)} single-layer choices, {s.samples:,} forward passes = "
-        f"{s.samples / trial:.2f} of a trial's n_p x inputs, {s.seconds:.1f} s to measure, on noise samples no "
-        "certificate replays)",
-        highlight=False,
-    )
-    return guide
+def _show_front(
+    study: Study, optuna_study: optuna.Study, as_json: bool, curves: bool = False, trials: str | None = None
+) -> None:
+    from approxtune import report
 
-
-def _worker_artifacts(
-    study: Study, args: argparse.Namespace, device: torch.device
-) -> tuple[torch.nn.Module, Inputs, BaseCache, float]:
-    """The model and the base cache of a worker on a shared study storage: both must exist and match the study."""
-    first = (
-        f"run `approxtune certify {args.study}` once first (or `--shard I/K` on several machines, then `--merge`), "
-        "with the study's output_dir on storage every worker sees"
-    )
-    if not study.checkpoint.exists():
-        raise ValueError(
-            f"no checkpoint at {study.checkpoint}; with a shared study storage ({search.masked_url(study.storage)}) "
-            f"workers neither train nor certify: {first}"
-        )
-    model = pipeline.ensure_model(study).to(device)
-    inputs = pipeline.load_inputs(study, "search")
-    path = study.cache_path("search")
-    try:
-        cache = load_cache(path)
-    except CacheError as exc:
-        raise CacheError(
-            f"{str(exc).split(';')[0]}; with a shared study storage ({search.masked_url(study.storage)}) workers do "
-            f"not certify g themselves, which would race the other workers: {first}"
-        ) from None
-    try:
-        cache.check(pipeline.expected_meta(study, model, inputs, "search"))
-    except CacheError as exc:
-        raise CacheError(
-            f"{exc}\nWorkers on a shared study storage never rebuild the cache the others read: fix the study file or "
-            f"the model checkpoint, or {first}"
-        ) from None
-    console.print(f"Reusing the base cache {path} (read-only)")
-    return model, inputs, cache, clean_accuracy(model, inputs, device)
-
-
-def _show_front(study: Study, optuna_study: optuna.Study, as_json: bool) -> None:
+    artifacts = study.artifact_dir
+    drawn = _draw_curves(study, optuna_study, trials, artifacts) if curves else None
     rows = report.front_rows(optuna_study)
     if as_json:
-        out.print_json(json.dumps({"study": study.name, "storage": study.storage, "front": rows}))
+        document = {"study": study.name, "storage": study.storage, "base": report.base_row(optuna_study), "front": rows}
+        if drawn is not None:
+            document["curves"] = str(drawn)
+        out.print_json(json.dumps(document))
         return
-    if not rows:
+    from approxtune import plots  # (matplotlib and plotly: not for --json)
+
+    table = report.front_table(optuna_study)
+    if table is None:
         out.print("No feasible complete trial yet.")
         return
-    table = Table(title=f"Pareto front of {study.name!r}: ACR up, accuracy up, size down")
-    for column in ("trial", "ACR", "accuracy", "size (bytes)", "vs fp32", "layers"):
-        table.add_column(column, justify="right" if column != "layers" else "left")
-    for row in rows:
-        label = f"{row['trial']}" + (f" ({row['baseline']})" if row["baseline"] else "")
-        table.add_row(
-            label,
-            f"{row['acr']:.4f}",
-            f"{row['accuracy']:.3f}",
-            f"{row['size_bytes']:,}",
-            f"{row['size_ratio']:.1%}",
-            row["summary"],
-        )
     out.print(table)
-    png = report.plot_front(optuna_study, study.output_dir / "front.png")
-    out.print(f"Plot: {png}    Dashboard: optuna-dashboard {study.storage}")
+    png, html = plots.write_front(optuna_study, study.output_dir)
+    out.print(f"Plot: {png} (hover: {html.name})", highlight=False)
+    if drawn is not None:
+        out.print(f"Certified accuracy curves: {drawn}", highlight=False)
+    out.print(
+        f"Dashboard: optuna-dashboard {study.storage} --artifact-dir {artifacts}", highlight=False, soft_wrap=True
+    )
+
+
+def _draw_curves(study: Study, optuna_study: optuna.Study, trials: str | None, artifacts: Path) -> Path:
+    """``front --curves``: g, ``trials`` (default: fp32 and front trials spread over size) and their exports."""
+    from approxtune import plots, report
+
+    numbers = report.parse_trials(trials) if trials else report.default_curve_trials(optuna_study)
+    base = report.base_radii(study, optuna_study)
+    curves, notes = report.curves(optuna_study, numbers, base, artifacts)
+    if base is None:
+        notes.insert(0, f"g's curve is left out: {study.cache_path('search')} is missing or not this study's cache")
+    for note in notes:
+        reporter.warn(note)
+    title = f"{study.name}: certified accuracy against radius"
+    return plots.plot_curves(curves, study.output_dir / "curves.png", title)
 
 
 def cmd_front(args: argparse.Namespace) -> None:
     study = load_study(args.study)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    optuna_study = search.load_existing_study(study)
+    optuna_study = load_existing_study(study)
     if optuna_study is None:
         raise ValueError(f"no study {study.name!r} in {study.storage}; run `approxtune tune {args.study}` first")
-    _show_front(study, optuna_study, as_json=args.json)
+    curves = args.curves or args.trials is not None
+    _show_front(study, optuna_study, as_json=args.json, curves=curves, trials=args.trials)
+
+
+_TUNED_FIRST = "export needs the model the study was tuned with (run `approxtune tune` first)"
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     from approxtune import export
+    from approxtune.job import prepare
 
     study = load_study(args.study)
-    device = pipeline.resolve_device(study, args.device)
+    job = prepare(study, device=args.device, no_training=f"no checkpoint at {study.checkpoint}: {_TUNED_FIRST}")
 
     def on_chosen(trial: optuna.trial.FrozenTrial, reason: str) -> None:
         attrs = trial.user_attrs
@@ -379,48 +261,100 @@ def cmd_export(args: argparse.Namespace) -> None:
             f"fp32); {attrs.get('summary', '')}",
             highlight=False,
         )
-        if not search.feasible(trial):
-            console.print(f"[yellow]Trial {trial.number} violates the study's constraints (it is not feasible).[/]")
+        if not feasible(trial):
+            reporter.warn(f"Trial {trial.number} violates the study's constraints (it is not feasible).")
 
     result = export.export_trial(
-        study,
+        job,
         args.out,
         trial=args.trial,
         min_acr=args.min_acr,
         max_accuracy_drop=args.max_accuracy_drop,
         recheck=args.recheck,
+        runtime=args.runtime,
         force=args.force,
-        device=device,
         progress=progress_bar,
-        log=console.print,
+        log=reporter.info,
         on_chosen=on_chosen,
     )
     cert = result.certificate
     out.print(export.certificate_table(cert))
     out.print(cert["explanation"], highlight=False)
+    out.print(cert["report_set"]["note"], highlight=False)
     reproduced, recorded = cert["search"]["reproduced_acr"], cert["search"]["acr"]
     if not np.isclose(reproduced, recorded, rtol=0, atol=1e-9):
-        console.print(
-            f"[yellow]The exported model's search-set ACR is {reproduced:.6f}, the trial recorded {recorded:.6f} "
-            "(different device or thread count?).[/]"
+        reporter.warn(
+            f"The exported model's search-set ACR is {reproduced:.6f}, the trial recorded {recorded:.6f} "
+            "(different device or thread count?)."
         )
-    out.print(
-        f"Wrote {result.path}: weights {result.payload_bytes:,} bytes (the reported size {result.size_bytes:,}) + "
-        f"header {result.header_bytes:,} bytes; model.pt2 (torch.export); certificate.json; "
-        f"sha256 {result.sha256[:16]}...; {result.seconds:.1f}s",
-        highlight=False,
+    size = result.size_bytes
+    deployables = "; ".join(
+        f"{name} {nbytes:,} bytes (size_bytes + {nbytes - size:,})" for name, nbytes in result.deployable_bytes.items()
     )
     out.print(
-        f"Attached certificate.json and front.png to trial {cert['trial']}: optuna-dashboard {study.storage} "
-        f"--artifact-dir {export.artifact_dir(study)}",
+        f"Wrote {result.path}: weights {result.payload_bytes:,} bytes (the reported size {size:,}) + header "
+        f"{result.header_bytes:,} bytes; {deployables}; certificate.json; sha256 {result.sha256[:16]}...; "
+        f"{result.seconds:.1f}s",
         highlight=False,
     )
+    if result.not_attached:
+        names = ", ".join(p.name for p in result.not_attached)
+        limit = export.artifacts.ARTIFACT_MAX_BYTES
+        reporter.warn(f"Not attached to the trial (larger than the {limit:,}-byte artifact limit): {names}")
+    out.print(
+        f"Attached the exported files, front.png and front.html to trial {cert['trial']}, with its held-out ACR, "
+        f"accuracy and "
+        f"export path as user attributes: optuna-dashboard {study.storage} --artifact-dir {study.artifact_dir}",
+        highlight=False,
+    )
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from approxtune import export
+
+    result = export.verify(args.directory, study=args.study, runtime=args.runtime, progress=progress_bar)
+    for check in result.checks:
+        recorded, recomputed = check.recorded, check.recomputed
+        head = (
+            f"{check.artifact} in {check.runtime} {recorded['runtime_version']} (SHA-256 "
+            f"{recorded['artifact_sha256'][:16]}... matches): ACR {recomputed['acr']:.4f}, accuracy "
+            f"{recomputed['accuracy']:.3f} on {len(recomputed['per_input'])} report inputs"
+        )
+        if check.reproduced:
+            out.print(f"{head}: reproduced", highlight=False)
+            continue
+        out.print(f"{head}: [bold red]NOT reproduced[/]", highlight=False)
+        for line in (*check.differences, *(f"this run differs in {note}" for note in check.notes)):
+            out.print(f"  {escape(line)}", highlight=False)
+    return 0 if result.reproduced else 1
+
+
+DESCRIPTION = (
+    "Find compressed versions of a PyTorch classifier that stay certifiably robust: certify the smoothed base model "
+    "once, search per-layer quantization and pruning with every trial certified by incremental randomized smoothing, "
+    "and export the chosen model with a held-out certificate. Every command takes a study file (TOML)."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="approxtune", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)  # accepted before the command and after it
+    common.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more output: Optuna's log (twice: debug)"
+    )
+    common.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="no progress bars or messages, results only",
+    )
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks instead of one-line errors"
+    )
+    parser = argparse.ArgumentParser(prog="approxtune", description=DESCRIPTION, parents=[common])
+    parser.add_argument("--version", action="version", version=f"approxtune {version('approxtune')}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser = functools.partial(sub.add_parser, parents=[common])
 
     p = sub.add_parser("train", help="train the study's embedded base model with Gaussian noise augmentation")
     p.add_argument("study", help="study file (TOML)")
@@ -430,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
         "certify",
         help="certify the smoothed base model once and cache the result",
         description="Certify the smoothed base model g once and write the base cache. To split the work over "
-        "processes or machines: run `--shard I/K` for I = 0 .. K-1 (each certifies chunks I, I+K, I+2K, ... of the "
-        "inputs into <cache>.partial/, on storage they share or copied together afterwards), then `--merge` once: "
+        "processes or machines: run --shard I/K for I = 0 .. K-1 (each certifies chunks I, I+K, I+2K, ... of the "
+        "inputs into <cache>.partial/, on storage they share or copied together afterwards), then --merge once: "
         "the merged cache is byte-identical to a one-process run.",
     )
     p.add_argument("study", help="study file (TOML)")
@@ -449,18 +383,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), help="override certify.device")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("front", help="show a study's Pareto front (table and PNG plot, or JSON)")
+    p = sub.add_parser("front", help="show a study's Pareto front (table, front.png and front.html, or JSON)")
     p.add_argument("study", help="study file (TOML)")
     p.add_argument("--json", action="store_true", help="print the front as JSON")
+    p.add_argument(
+        "--curves",
+        action="store_true",
+        help="also draw certified accuracy against radius into <output_dir>/curves.png: the base model g, the trials "
+        "of --trials and the held-out certificates of their exports",
+    )
+    p.add_argument(
+        "--trials",
+        metavar="N,M,...",
+        help="the trials --curves draws (implies --curves; default: fp32 and front trials spread over size)",
+    )
     p.set_defaults(func=cmd_front)
 
     p = sub.add_parser(
         "export",
-        help="export a trial's compressed model (weights, torch.export program) with a held-out certificate",
+        help="export a trial's compressed model (weights, ONNX, torch.export) with a held-out certificate per runtime",
         description="Export trial N (--trial), or the smallest Pareto-front model that satisfies a rule (--min-acr "
         "and/or --max-accuracy-drop, both must hold), to DIR: weights.bin + index.json (the compressed weights), "
-        "config.json, model.pt2 (loads with torch.export.load, no approxtune needed) and certificate.json (the "
-        "model re-certified on the held-out report inputs with fresh noise). Load it with approxtune.load_model(DIR).",
+        "config.json, model.onnx (ONNX Runtime) and model.pt2 (torch.export.load), both compressed and runnable "
+        "without approxtune, and certificate.json: each shipped file re-certified in its own runtime on the held-out "
+        "report inputs with noise the search never saw. Load the weights with approxtune.load_model(DIR); check the "
+        "certificate with approxtune verify DIR.",
     )
     p.add_argument("study", help="study file (TOML)")
     p.add_argument("--trial", type=int, metavar="N", help="the trial number to export")
@@ -480,9 +427,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="held-out certificate: IRS against the report inputs' base cache (default), or Cohen's CERTIFY of the "
         "exported model from scratch on fresh noise",
     )
+    _runtime_option(p, "which deployables to write and certify, each in its runtime")
     p.add_argument("--device", choices=("cpu", "cuda"), help="override certify.device")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "verify",
+        help="recompute an export's certificate on this machine and check its files' hashes",
+        description="Recompute the held-out certificate of the export DIR from its files and the study's report "
+        "inputs and base cache, after checking every file's SHA-256. Exit 0: reproduced; 1: not reproduced (what "
+        "differs is printed); 2: bad input (changed or truncated files, a missing runtime package, other report "
+        "inputs or cache). Writes nothing.",
+    )
+    p.add_argument("directory", metavar="DIR", help="an export directory (from approxtune export)")
+    p.add_argument("--study", metavar="STUDY.toml", help="study file (default: the one the export was made from)")
+    _runtime_option(p, "which certificates to recompute")
+    p.set_defaults(func=cmd_verify)
     return parser
+
+
+def _runtime_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--runtime", default="all", metavar="R", help=f"{what}: onnxruntime, torch or all (default: all)"
+    )
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
@@ -505,12 +472,20 @@ def tune_malloc() -> bool:
         return False
 
 
+INTERRUPTED = 130
+"""Exit code of a run stopped by Ctrl-C (128 + SIGINT, the shell's convention)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     tune_malloc()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.debug = getattr(args, "debug", False)
+    reporter.quiet = getattr(args, "quiet", False)
+    reporter.verbosity = getattr(args, "verbose", 0)
+    reporter.set_optuna_verbosity()
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (ValueError, OSError) as exc:
         if args.debug:
             raise
@@ -518,8 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]Interrupted.[/]")
-        return 130
-    return 0
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,30 +1,36 @@
-"""Study files: TOML in ``studies/``, read with :mod:`tomllib` and checked key by key.
+"""Study settings: one definition for study files (TOML), nested dicts and the Python API's keywords.
 
-Every section and key, its type, default and meaning is listed in the README ("Study file reference").  Relative
-paths are resolved against the directory approxtune is run from.  Any problem — malformed TOML, an unknown key (the
-closest valid one is suggested), a wrong type, a value out of range — raises :class:`ConfigError` naming the file,
-the key and the fix; the command line turns it into a one-line error and exit code 2.
+Every section and key, its type, default and meaning is listed in the README ("Study file reference").  A study file
+is read with :mod:`tomllib` (:func:`load_study`); :meth:`Study.from_dict` takes the same nested tables as a dict, and
+:meth:`Study.from_keywords` the flat keywords of :func:`approxtune.tune` (a key's name, or ``<section>_<key>`` where
+two sections share it: ``train_batch_size``, ``certify_batch_size``, ``model_kwargs``, ``data_kwargs``).  All three
+build the same :class:`Study` through the same checks.  Relative paths are resolved against the directory approxtune
+is run from.  Any problem — malformed TOML, an unknown key (the closest valid one is suggested), a wrong type, a
+value out of range or not finite — raises :class:`ConfigError` naming the file (or the keywords), the key and the
+fix; the command line turns it into a one-line error and exit code 2.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from approxtune.approximation import PRECISIONS
-from approxtune.irs import IRSSettings, Mode, Zeta
-from approxtune.models import ARCHITECTURES
+from approxtune.accounting import IRSSettings, Mode, Zeta
+from approxtune.errors import ApproxtuneError
 
-__all__ = ["ConfigError", "Study", "load_study"]
+__all__ = ["ConfigError", "Study", "keyword_table", "load_study"]
 
 
-class ConfigError(ValueError):
+class ConfigError(ApproxtuneError):
     """A study file that cannot be used as it is."""
 
 
@@ -40,16 +46,44 @@ class StudySection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    arch: str = "digits-cnn"
+    arch: str = ""
+    """A built-in architecture (default: digits-cnn, unless factory or torchvision names the model)."""
     checkpoint: str = ""
-    """Checkpoint file (default: <output_dir>/model.pt; trained by `approxtune train` for digits-cnn)."""
+    """Checkpoint file (built-in architectures: default <output_dir>/model.pt, trained by `approxtune train` for
+    digits-cnn; factory and torchvision models: loaded only when set)."""
+    factory: str = ""
+    """``package.module:callable`` returning the nn.Module (imported from the study file's folder or sys.path)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the factory."""
+    torchvision: str = ""
+    """A torchvision classification architecture by name (weights only from checkpoint, never downloaded)."""
+    num_classes: int = 0
+    """torchvision: the classifier's output classes (0: the architecture's default)."""
+    mean: list[float] = field(default_factory=list)
+    """torchvision: per-channel mean of a normalisation layer put in front of the network (with std)."""
+    std: list[float] = field(default_factory=list)
+    """torchvision: per-channel standard deviation of that normalisation layer."""
+
+    @property
+    def kind(self) -> str:
+        """Where the model comes from: ``factory``, ``torchvision`` or ``builtin``."""
+        return "factory" if self.factory else "torchvision" if self.torchvision else "builtin"
+
+    @property
+    def builtin_arch(self) -> str:
+        """The built-in architecture (``digits-cnn`` when none is named)."""
+        return self.arch or "digits-cnn"
 
 
 @dataclass(frozen=True)
 class DataSection:
     dataset: str = "digits"
     root: str = ""
-    """Folder or file of a real dataset (not used for digits)."""
+    """Folder or file of a real dataset (not used for digits or python)."""
+    loader: str = ""
+    """dataset "python": ``package.module:callable`` returning ``(x, y)`` or a torch Dataset of ``(x, y)`` pairs."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the loader."""
     split_seed: int = 0
     search_inputs: int = 200
     report_inputs: int = 200
@@ -136,16 +170,22 @@ SECTIONS: dict[str, type] = {
     "irs": IRSSection,
     "search": SearchSection,
 }
-DATASETS = ("digits", "cifar10", "imagefolder", "tensors")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
+"""The weight precisions of the approximation space (:mod:`approxtune.approximation` implements them)."""
+ARCHITECTURES = ("digits-cnn", "cifar_resnet20", "cifar_resnet110", "resnet50")
+"""The built-in architectures' names (:data:`approxtune.models.ARCHITECTURES` builds them)."""
+DATASETS = ("digits", "cifar10", "imagefolder", "tensors", "python")
 SAMPLERS = ("nsga2", "tpe", "random", "guided")
 DEVICES = ("auto", "cpu", "cuda")
+KEYWORD_ORIGIN = "the keyword settings"
+"""How messages name a study that came from keywords or a dict rather than a file."""
 
 
 @dataclass(frozen=True)
 class Study:
-    """A validated study file."""
+    """Validated study settings, from a file (``path``), a nested dict or keywords (``path`` None)."""
 
-    path: Path
+    path: Path | None
     study: StudySection
     model: ModelSection
     data: DataSection
@@ -155,12 +195,17 @@ class Study:
     search: SearchSection
 
     @property
+    def origin(self) -> str:
+        """Where the settings came from, for messages: the study file, or the keyword settings."""
+        return str(self.path) if self.path is not None else KEYWORD_ORIGIN
+
+    @property
     def name(self) -> str:
-        return self.study.name or self.path.stem
+        return self.study.name or (self.path.stem if self.path is not None else "study")
 
     @property
     def output_dir(self) -> Path:
-        return Path(self.study.output_dir or Path("runs") / self.path.stem)
+        return Path(self.study.output_dir or Path("runs") / self.name)
 
     @property
     def checkpoint(self) -> Path:
@@ -170,13 +215,18 @@ class Study:
     def storage(self) -> str:
         return self.search.storage or f"sqlite:///{self.output_dir / 'study.db'}"
 
+    @property
+    def artifact_dir(self) -> Path:
+        """Where the study's Optuna artifacts live (``optuna-dashboard --artifact-dir``)."""
+        return self.output_dir / "artifacts"
+
     def cache_path(self, split: str) -> Path:
         """Base cache of the ``search`` or ``report`` inputs: ``base-<split>-sigma<σ>-n<n>-<key>.cache``.
 
         ``key`` is 8 hex digits of SHA-256 over every other study setting the cache depends on (n0, alpha, the study
-        seed, the dataset, split_seed and the input counts that select the split), so studies that share an
-        output_dir but differ in one of them keep separate caches instead of overwriting each other's.  A changed
-        model checkpoint still rebuilds the cache in place.
+        seed, the dataset — with its loader and the loader's arguments for ``python`` data — split_seed and the input
+        counts that select the split), so studies that share an output_dir but differ in one of them keep separate
+        caches instead of overwriting each other's.  A changed model or changed data still rebuild the cache in place.
         """
         c, d = self.certify, self.data
         counts = {"report_inputs": d.report_inputs}
@@ -184,7 +234,9 @@ class Study:
             counts["search_inputs"] = d.search_inputs
         settings = {"n0": c.n0, "alpha": c.alpha, "seed": self.study.seed, "dataset": d.dataset}
         settings |= {"split_seed": d.split_seed, **counts}
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+        if d.dataset == "python":
+            settings |= {"loader": d.loader, "loader_kwargs": d.kwargs}
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
         return self.legacy_cache_path(split).with_name(f"base-{split}-sigma{c.sigma:g}-n{c.n}-{key}.cache")
 
     def legacy_cache_path(self, split: str) -> Path:
@@ -208,6 +260,100 @@ class Study:
             zeta=Zeta(i.zeta),
         )
 
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The settings as nested tables (every key, defaults included): what :meth:`from_dict` takes back."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str | Path | None = None, *, origin: str | None = None) -> Study:
+        """Validate nested tables (``{"certify": {"sigma": 0.25}, ...}``, as a study file holds them).
+
+        ``path`` names the file they were read from (None: they were given in Python); ``origin`` how messages name
+        them (default: the file, or "the keyword settings").  Raises :class:`ConfigError`.
+        """
+        path = None if path is None else Path(path)
+        origin = origin or (str(path) if path is not None else KEYWORD_ORIGIN)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{origin}: study settings must be a table of sections, got {type(data).__name__}")
+        for key in data:
+            if key not in SECTIONS:
+                close = difflib.get_close_matches(str(key), list(SECTIONS), n=1)
+                hint = f"; did you mean [{close[0]}]?" if close else f"; valid sections: {', '.join(SECTIONS)}"
+                raise ConfigError(f"{origin}: unknown section [{key}]{hint}")
+        try:
+            sections = {name: _build(section, data.get(name, {}), name) for name, section in SECTIONS.items()}
+            study = cls(path=path, **sections)
+            _validate(study)
+        except ConfigError as exc:
+            raise ConfigError(f"{origin}: {exc}") from None
+        return study
+
+    @classmethod
+    def from_keywords(cls, base: Study | dict | str | Path | None = None, **keywords: Any) -> Study:
+        """Settings from flat keywords (:func:`keyword_table`) on top of ``base`` (a Study, nested dict or file).
+
+        ``Study.from_keywords(sigma=0.25, n_p=200, certify_batch_size=256)``: every keyword is checked like a study
+        file key (an unknown one gets the closest valid name suggested).
+        """
+        if isinstance(base, Study):
+            tables, path = base.to_dict(), base.path
+        elif isinstance(base, str | Path):
+            loaded = load_study(base)
+            tables, path = loaded.to_dict(), loaded.path
+        else:
+            tables, path = dict(base or {}), None
+        if not keywords and isinstance(base, Study):
+            return base
+        merged = {name: dict(table) if isinstance(table, dict) else table for name, table in tables.items()}
+        for keyword, value in keywords.items():
+            section, key = _keyword_target(keyword)
+            table = merged.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{KEYWORD_ORIGIN}: [{section}] must be a table, got {table!r}")
+            if key in _CONSTRAINT_KEYS:
+                table["constraints"] = {**table.get("constraints", {}), key: value}
+            else:
+                table[key] = value
+        origin = f"{path} with {KEYWORD_ORIGIN}" if path is not None and keywords else None
+        return cls.from_dict(merged, path=path, origin=origin)
+
+
+_CONSTRAINT_KEYS = tuple(f.name for f in fields(ConstraintsSection))
+
+
+def keyword_table() -> dict[str, tuple[str, str]]:
+    """Every keyword the Python API takes: ``keyword -> (section, key)``.
+
+    A key that one section alone has is its own keyword (``sigma``, ``n_p``, ``max_size_ratio``); every key is also
+    reachable as ``<section>_<key>`` (``certify_n``), which is required where two sections share a key
+    (``train_batch_size`` / ``certify_batch_size``, ``model_kwargs`` / ``data_kwargs``).
+    """
+    owners: dict[str, list[str]] = {}
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            if f.name != "constraints":
+                owners.setdefault(f.name, []).append(section)
+    owners.update({key: ["search"] for key in _CONSTRAINT_KEYS})
+    table = {key: (sections[0], key) for key, sections in owners.items() if len(sections) == 1}
+    for key, sections in owners.items():
+        for section in sections:
+            table[f"{section}_{key}"] = (section, key)
+    return table
+
+
+def _keyword_target(keyword: str) -> tuple[str, str]:
+    table = keyword_table()
+    if keyword in table:
+        return table[keyword]
+    shared = [k for k, (_, key) in table.items() if key == keyword]
+    if shared:
+        raise ConfigError(
+            f"{KEYWORD_ORIGIN}: {keyword!r} is a key of several sections; say which: {' or '.join(sorted(shared))}"
+        )
+    close = difflib.get_close_matches(keyword, list(table), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else "; the keywords are the study file's keys (see the README)"
+    raise ConfigError(f"{KEYWORD_ORIGIN}: unknown setting {keyword!r}{hint}")
+
 
 def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
@@ -215,15 +361,21 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(where: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{where} must be a table of named values, got {value!r}")
+        return dict(value)
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
             raise ConfigError(f"{where} must be a list of {_type_name(item)}s, got {value!r}")
         return [_coerce(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if (tp is int and isinstance(value, bool)) or not isinstance(value, tp):
         raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r}")
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
     return value
 
 
@@ -279,10 +431,9 @@ def _validate(s: Study) -> None:
             s.irs_settings.tail_length(c.n)
         except ValueError as exc:
             raise ConfigError(f"irs (mode 'tail'): {exc}") from None
-    _choice("model.arch", s.model.arch, tuple(ARCHITECTURES))
-    _choice("data.dataset", d.dataset, DATASETS)
-    _require(d.search_inputs >= 1 and d.report_inputs >= 1, "data.search_inputs and data.report_inputs must be >= 1")
-    _require(d.dataset == "digits" or bool(d.root), f"data.root must name the folder or file of {d.dataset} data")
+    _validate_model(s.model)
+    _validate_data(d)
+    _require(0 <= s.study.seed < 2**32, f"study.seed must lie in [0, 2**32 - 1] (Optuna's range), got {s.study.seed}")
     _require(
         t.epochs >= 1 and t.batch_size >= 1 and t.lr > 0, "train.epochs, train.batch_size and train.lr must be > 0"
     )
@@ -309,24 +460,55 @@ def _validate(s: Study) -> None:
     _require(0 < k.max_size_ratio <= 1, "search.constraints.max_size_ratio must lie in (0, 1]")
 
 
+_CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def _validate_model(m: ModelSection) -> None:
+    named = [f"model.{key} = {getattr(m, key)!r}" for key in ("arch", "factory", "torchvision") if getattr(m, key)]
+    _require(len(named) <= 1, f"{' and '.join(named)}: name the model one way only (arch, factory or torchvision)")
+    if m.arch:
+        _choice("model.arch", m.arch, ARCHITECTURES)
+    if m.factory:
+        _require(
+            bool(_CALLABLE.match(m.factory)),
+            f"model.factory = {m.factory!r} must be 'package.module:callable' (e.g. 'mymodels:make_net')",
+        )
+    _require(not m.kwargs or bool(m.factory), "[model.kwargs] are the factory's arguments: set model.factory too")
+    if not m.torchvision:
+        extra = [key for key in ("num_classes", "mean", "std") if getattr(m, key)]
+        _require(not extra, f"model.{', model.'.join(extra)} apply to torchvision models only (set model.torchvision)")
+    _require(m.num_classes >= 0, f"model.num_classes must be at least 1 (or 0: the default), got {m.num_classes}")
+    _require(
+        len(m.mean) == len(m.std) and all(v > 0 for v in m.std),
+        f"model.mean and model.std need one value per channel, std > 0; got mean {m.mean}, std {m.std}",
+    )
+
+
+def _validate_data(d: DataSection) -> None:
+    _choice("data.dataset", d.dataset, DATASETS)
+    _require(d.search_inputs >= 1 and d.report_inputs >= 1, "data.search_inputs and data.report_inputs must be >= 1")
+    _require(d.split_seed >= 0, f"data.split_seed must be non-negative, got {d.split_seed}")
+    if d.dataset == "python":
+        _require(
+            not d.loader or bool(_CALLABLE.match(d.loader)),
+            f"data.loader = {d.loader!r} must be 'package.module:callable' (e.g. 'mydata:load')",
+        )
+    else:
+        _require(not d.loader and not d.kwargs, 'data.loader and [data.kwargs] need data.dataset = "python"')
+        _require(d.dataset == "digits" or bool(d.root), f"data.root must name the folder or file of {d.dataset} data")
+
+
 def load_study(path: str | Path) -> Study:
     """Read and validate a study file; raises :class:`ConfigError` on any problem."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; give a study file (TOML), e.g. studies/digits.toml")
     if not path.is_file():
         raise ConfigError(f"study file {path} does not exist (the bundled studies are in studies/)")
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    for key in data:
-        if key not in SECTIONS:
-            close = difflib.get_close_matches(key, list(SECTIONS), n=1)
-            hint = f"; did you mean [{close[0]}]?" if close else f"; valid sections: {', '.join(SECTIONS)}"
-            raise ConfigError(f"{path}: unknown section [{key}]{hint}")
-    try:
-        sections = {name: _build(cls, data.get(name, {}), name) for name, cls in SECTIONS.items()}
-        study = Study(path=path, **sections)
-        _validate(study)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    return study
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read study file {path} ({exc})") from None
+    return Study.from_dict(data, path)

@@ -1,7 +1,10 @@
-"""Datasets: the embedded scikit-learn digits default, and CIFAR-10, ImageNet and tensor files read from disk.
+"""Datasets: the embedded scikit-learn digits default, CIFAR-10, ImageNet and tensor files read from disk, and a
+user's own data given from Python.
 
-Images are float32 tensors in [0, 1] of shape (N, C, H, W); labels are int64.  ``index`` holds each image's index in
-its dataset: it names the input (its noise seed derives from it) and goes into the cache.
+Inputs are float32 tensors of shape ``(N, *shape)``: images (N, C, H, W) in [0, 1] for the readers here, any shape
+and range for a user's data (audio, tabular, ...), since noise is added in the input space the model receives.
+Labels are int64.  ``index`` holds each input's index in its dataset: it names the input (its noise seed derives from
+it) and goes into the cache.
 
 Nothing is ever downloaded: every reader takes a path to files the user has put in place, and a missing file raises a
 :class:`DataError` that says which files to put where.  Readers that take ``indices`` decode only the selected images.
@@ -13,17 +16,20 @@ import hashlib
 import pickle
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from approxtune.errors import ApproxtuneError
 
 __all__ = [
     "CIFAR10_DIR",
     "DIGITS_SPLIT",
     "DataError",
     "Inputs",
+    "UserData",
     "cifar10_inputs",
     "dataset_size",
     "digits_splits",
@@ -44,17 +50,18 @@ _IMAGENET_CLASSES = 1000
 _WNID = re.compile(r"n\d{8}")
 
 
-class DataError(ValueError):
+class DataError(ApproxtuneError):
     """Input data that is missing, malformed or unsafe to read; the message names the problem and the fix."""
 
 
 @dataclass(frozen=True)
 class Inputs:
-    """A set of labelled images: ``x`` (N, C, H, W) float32 in [0, 1], ``y`` (N,) int64, ``index`` (N,) int64."""
+    """A set of labelled inputs: ``x`` (N, *shape) float32, ``y`` (N,) int64, ``index`` (N,) int64."""
 
     x: torch.Tensor
     y: torch.Tensor
     index: np.ndarray
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -64,12 +71,17 @@ class Inputs:
         return Inputs(self.x[:count], self.y[:count], self.index[:count])
 
     def fingerprint(self) -> str:
-        """SHA-256 of the images, labels and indices (what a cache was computed on)."""
-        h = hashlib.sha256()
-        for arr in (self.x.contiguous().numpy(), self.y.numpy(), self.index):
-            h.update(str((arr.dtype.str, arr.shape)).encode())
-            h.update(np.ascontiguousarray(arr).tobytes())
-        return h.hexdigest()
+        """SHA-256 of the images, labels and indices (what a cache was computed on).
+
+        Computed once per object (every IRS trial checks it): an ``Inputs`` is never changed in place.
+        """
+        if "fingerprint" not in self._memo:
+            h = hashlib.sha256()
+            for arr in (self.x.contiguous().numpy(), self.y.numpy(), self.index):
+                h.update(str((arr.dtype.str, arr.shape)).encode())
+                h.update(np.ascontiguousarray(arr).tobytes())
+            self._memo["fingerprint"] = h.hexdigest()
+        return self._memo["fingerprint"]
 
 
 def digits_splits(split_seed: int = 0) -> dict[str, Inputs]:
@@ -365,8 +377,8 @@ def _load_tensor_file(path: Path) -> Mapping[str, object]:
         if blocked is None:
             raise DataError(f"{path} is not a readable {suffix} file; {_TENSOR_FILE_HINT}") from None
         raise DataError(
-            f"refusing to load {path}: it holds more than tensors (it refers to {blocked.group(1)}), and unpickling "
-            f"it could run code; save torch tensors, not numpy arrays or other objects: {_TENSOR_FILE_HINT}"
+            f"refusing to load {path}: unsafe: it holds more than tensors (it refers to {blocked.group(1)}), and "
+            f"unpickling it could run code; save torch tensors, not numpy arrays or other objects: {_TENSOR_FILE_HINT}"
         ) from None
     except ValueError as exc:  # numpy: "Object arrays cannot be loaded when allow_pickle=False"
         raise DataError(f"cannot read {path} ({exc}); store plain numeric arrays: {_TENSOR_FILE_HINT}") from None
@@ -441,6 +453,91 @@ def _labels(labels: torch.Tensor, count: int, path: Path) -> torch.Tensor:
     if count and labels.min() < 0:
         raise DataError(f"{path}: labels must be class indices 0, 1, ...; found {labels.min().item()}")
     return labels.to(torch.int64)
+
+
+def _as_tensor(value: object, what: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    try:
+        array = np.asarray(value)
+    except Exception as exc:  # ragged lists, objects
+        raise DataError(f"{what} cannot be read as an array ({type(exc).__name__}: {exc})") from None
+    if array.dtype.kind not in "biuf":
+        raise DataError(f"{what} holds {array.dtype} values; give numbers (a tensor or a numeric array)")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _user_labels(y: torch.Tensor, count: int) -> torch.Tensor:
+    if y.ndim != 1:
+        raise DataError(f"the labels y have shape {tuple(y.shape)}; give one integer class index per input, ({count},)")
+    if y.is_floating_point() and bool((y != y.round()).any()):
+        raise DataError("the labels y are not whole numbers; give integer class indices 0, 1, ...")
+    if y.dtype == torch.bool or y.is_complex():
+        raise DataError(f"the labels y are {y.dtype}; give integer class indices 0, 1, ...")
+    if count and int(y.min()) < 0:
+        raise DataError(f"the labels y must be class indices 0, 1, ...; found {int(y.min())}")
+    return y.to(torch.int64)
+
+
+def _user_inputs(x: torch.Tensor, what: str) -> torch.Tensor:
+    if x.ndim < 2:
+        raise DataError(f"{what} has shape {tuple(x.shape)}; give a batch (N, *shape) with one row per input")
+    x = x.to(torch.float32)
+    bad = ~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).flatten()[:10].tolist()
+        raise DataError(f"{what} holds NaN or infinite values (rows {rows}); clean or drop those inputs")
+    return x.contiguous()
+
+
+class UserData:
+    """A user's own labelled data: ``(x, y)`` tensors or arrays, or a ``torch.utils.data.Dataset`` of ``(x, y)``.
+
+    ``x`` is taken as float32 as it is (no scaling): noise is added in the input space the model receives.  A Dataset
+    is read item by item, and only the items a split selects are read.  ``what`` names the data in messages.  Every
+    check of :meth:`read` (lengths, finite inputs, integer labels >= 0, one shape) raises :class:`DataError`.
+    """
+
+    def __init__(self, data: object, what: str = "the data") -> None:
+        self.what = what
+        self._dataset = None
+        if isinstance(data, tuple | list) and len(data) == 2:
+            x = _as_tensor(data[0], f"{what}: x")
+            y = _as_tensor(data[1], f"{what}: y")
+            if len(x) != len(y):
+                raise DataError(f"{what}: x has {len(x)} inputs but y has {len(y)} labels; give one label per input")
+            self._x, self._y = x, y
+        elif hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, str | bytes):
+            self._dataset = data
+        else:
+            raise DataError(
+                f"{what} is a {type(data).__name__}; give (x, y) tensors or arrays, or a torch Dataset of (x, y) pairs"
+            )
+
+    def __len__(self) -> int:
+        return len(self._dataset) if self._dataset is not None else len(self._x)
+
+    def read(self, indices: Sequence[int] | np.ndarray) -> Inputs:
+        """The inputs at ``indices`` (positions in the data), checked, with ``index`` = those positions."""
+        idx = _selection(indices, len(self), self.what)
+        if self._dataset is None:
+            x, y = self._x[torch.from_numpy(idx)], self._y[torch.from_numpy(idx)]
+        else:
+            xs, ys = [], []
+            for i in idx.tolist():
+                item = self._dataset[i]
+                if not isinstance(item, tuple | list) or len(item) != 2:
+                    raise DataError(f"{self.what}: item {i} is a {type(item).__name__}, not an (x, y) pair")
+                xs.append(_as_tensor(item[0], f"{self.what}: item {i}'s x"))
+                ys.append(_as_tensor(item[1], f"{self.what}: item {i}'s y").reshape(-1))
+            shapes = {tuple(t.shape) for t in xs}
+            if len(shapes) > 1:
+                raise DataError(f"{self.what}: the inputs have different shapes {sorted(shapes)[:4]}; give one shape")
+            x = torch.stack(xs) if xs else torch.empty(0, 1)
+            y = torch.cat(ys) if ys else torch.empty(0, dtype=torch.int64)
+            if len(y) != len(x):
+                raise DataError(f"{self.what}: every item's label y must be one number")
+        return Inputs(_user_inputs(x, f"{self.what}: x"), _user_labels(y, len(x)), idx)
 
 
 def tensor_file_inputs(path: str | Path, indices: Sequence[int] | np.ndarray | None = None) -> Inputs:

@@ -41,6 +41,7 @@ from torch import nn
 from approxtune.approximation import ApproximationConfig, LayerChoice, fp32_size_bytes, model_size_bytes
 from approxtune.cache import BaseCache
 from approxtune.config import Study
+from approxtune.data import Inputs
 from approxtune.hypervolume import STUDY_REFERENCE, hypervolume, to_loss
 from approxtune.irs import IRSSettings
 from approxtune.sensitivity import (
@@ -267,7 +268,7 @@ def guide_variants(study: Study, layers: Sequence[str]) -> int:
 def build_guide(
     study: Study,
     model: nn.Module,
-    x: torch.Tensor,
+    inputs: Inputs,
     cache: BaseCache,
     layers: Sequence[str],
     *,
@@ -276,7 +277,7 @@ def build_guide(
 ) -> tuple[Guide, bool]:
     """The study's guide: its sensitivities stored beside the search cache, or measured now; and whether they were.
 
-    ``x``: the search inputs in cache order; ``layers``: the searched layers.  ``progress(total)``, only when the
+    ``inputs``: the cache's search inputs; ``layers``: the searched layers.  ``progress(total)``, only when the
     sensitivities are measured, opens a progress display and gives ``advance(count)``.
     """
     settings, space = study.irs_settings, study.search
@@ -284,7 +285,9 @@ def build_guide(
 
     def measure_now() -> Sensitivity:
         with progress(guide_variants(study, layers)) if progress is not None else nullcontext() as advance:
-            return measure(model, x, cache, key, batch_size=study.certify.batch_size, device=device, progress=advance)
+            return measure(
+                model, inputs, cache, key, batch_size=study.certify.batch_size, device=device, progress=advance
+            )
 
     sensitivity, measured = ensure_sensitivity(study.cache_path("search"), key, measure_now)
     guide = Guide(sensitivity, model, settings, space.precisions, space.prune, float(cache.summary()["acr"]))

@@ -113,14 +113,15 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 import numpy as np
 import torch
 from torch import nn
 
+from approxtune.accounting import IRSSettings, Mode, Zeta
 from approxtune.cache import BaseCache
 from approxtune.certification import DEFAULT_BATCH_SIZE, Progress, predict_under_noise
+from approxtune.data import Inputs
 from approxtune.noise import Stream
 from approxtune.statistics import (
     acr,
@@ -146,21 +147,6 @@ __all__ = [
     "signed_zeta",
     "tail_frequency",
 ]
-
-
-class Mode(StrEnum):
-    MAX = "max"
-    GAMMA = "gamma"
-    TAIL = "tail"
-
-
-class Zeta(StrEnum):
-    """What the zeta bound bounds: losses of c_hat (``f = c_hat != f^p``), as in the paper all ``f^p != f``, or
-    losses minus gains (``signed``, a betting bound on the net change of c_hat's frequency)."""
-
-    LOSS = "loss"
-    DISAGREEMENT = "disagreement"
-    SIGNED = "signed"
 
 
 def zeta_count(preds_p: np.ndarray, preds_f: np.ndarray, c_hat: np.ndarray, rule: Zeta) -> np.ndarray:
@@ -204,72 +190,6 @@ def signed_zeta(
     best = None if f_hits is None else np.where(f_hits, 0.5, 1.0)
     top = (1.0 + SIGNED_REACH) / 2.0
     return np.maximum(1.0 - 2.0 * betting_lower_bound(x, seen, counts, alpha_zeta, top=top, best=best), -room)
-
-
-@dataclass(frozen=True)
-class IRSSettings:
-    """``n_p`` replayed samples per input; levels of the zeta and direct bounds; branch rule; what zeta counts.
-
-    Tail mode only: ``n_tail`` cached samples at the end of each input's ``n`` are reserved for decisions and never
-    replayed (default ``n // 2``); ``allocate`` spreads the budget ``n_p x (inputs evaluated)`` over the inputs
-    (otherwise every input gets ``n_p``); ``block`` is the allocation's step in samples; ``pilot`` tail samples per
-    input are run through f^p first (paid from the budget) to estimate the disagreement the plausible radii expect.
-    """
-
-    n_p: int
-    alpha_zeta: float = 0.001
-    alpha_d: float = 0.001
-    mode: Mode = Mode.TAIL
-    gamma: float = 0.99
-    n_tail: int | None = None
-    allocate: bool = True
-    block: int = 16
-    pilot: int = 0
-    zeta: Zeta = Zeta.LOSS
-
-    def __post_init__(self) -> None:
-        if self.n_p < 1:
-            raise ValueError(f"n_p must be at least 1, got {self.n_p}")
-        for name in ("alpha_zeta", "alpha_d"):
-            if not 0.0 < getattr(self, name) < 0.5:
-                raise ValueError(f"{name} must lie in (0, 0.5), got {getattr(self, name)}")
-        if not 0.5 < self.gamma <= 1.0:
-            raise ValueError(f"gamma must lie in (0.5, 1], got {self.gamma}")
-        if self.n_tail is not None and self.n_tail < 1:
-            raise ValueError(f"n_tail must be at least 1, got {self.n_tail}")
-        if self.block < 1:
-            raise ValueError(f"block must be at least 1, got {self.block}")
-        if self.pilot < 0:
-            raise ValueError(f"pilot must be non-negative, got {self.pilot}")
-        object.__setattr__(self, "mode", Mode(self.mode))
-        object.__setattr__(self, "zeta", Zeta(self.zeta))
-
-    def total_alpha(self, alpha: float) -> float:
-        """Probability bound on a wrong IRS certificate, given the base certificate's ``alpha``.
-
-        "max": the union bound ``alpha + alpha_zeta + alpha_d``; "gamma": ``alpha_zeta + max(alpha, alpha_d)`` (a
-        threshold on the cached ``p_a``; see the module docstring); "tail": ``alpha + max(alpha_zeta, alpha_d)``
-        (branch and count independent of the replayed samples).
-        """
-        if self.mode is Mode.TAIL:
-            return alpha + max(self.alpha_zeta, self.alpha_d)
-        if self.mode is Mode.GAMMA:
-            return self.alpha_zeta + max(alpha, self.alpha_d)
-        return alpha + self.alpha_zeta + self.alpha_d
-
-    def tail_length(self, n: int) -> int:
-        """``n_tail`` for a cache of ``n`` samples per input; checks that ``n_p`` stays out of the tail."""
-        n_tail = n // 2 if self.n_tail is None else self.n_tail
-        if not 1 <= n_tail < n:
-            raise ValueError(f"n_tail = {n_tail} must lie in [1, n) for a cache of n = {n}")
-        if self.n_p > n - n_tail:
-            raise ValueError(
-                f"n_p = {self.n_p} reaches into the tail: only the first n - n_tail = {n - n_tail} cached samples "
-                "may be replayed when branches and counts are decided from the tail"
-            )
-        if self.pilot > n_tail or self.pilot >= self.n_p:
-            raise ValueError(f"pilot = {self.pilot} must be below n_p = {self.n_p} and at most n_tail = {n_tail}")
-        return n_tail
 
 
 @dataclass
@@ -324,7 +244,7 @@ class IRSResult:
 
 def replay(
     model_p: nn.Module,
-    x: torch.Tensor,
+    inputs: Inputs,
     cache: BaseCache,
     rows: np.ndarray,
     n_p: int,
@@ -333,14 +253,14 @@ def replay(
     device: torch.device | str | None = None,
     progress: Progress | None = None,
 ) -> np.ndarray:
-    """f^p's class on the first ``n_p`` cached estimation samples of the inputs ``rows`` (``x`` holds all inputs)."""
+    """f^p's class on the first ``n_p`` cached estimation samples of the inputs ``rows`` of ``inputs`` (the cache's own
+    inputs, in its order: anything else is refused)."""
     if n_p > cache.meta.n:
         raise ValueError(f"n_p = {n_p} exceeds the cache's n = {cache.meta.n}: IRS can only replay cached samples")
-    if len(x) != len(cache):
-        raise ValueError(f"{len(x)} inputs given for a cache of {len(cache)} inputs")
+    cache.check_inputs(inputs)
     return predict_under_noise(
         model_p,
-        x[torch.as_tensor(rows, dtype=torch.long)],
+        inputs.x[torch.as_tensor(rows, dtype=torch.long)],
         cache.seed[rows],
         Stream.ESTIMATION,
         0,
@@ -355,7 +275,7 @@ def replay(
 
 def estimate_zeta(
     model_p: nn.Module,
-    x: torch.Tensor,
+    inputs: Inputs,
     cache: BaseCache,
     n_p: int,
     alpha_zeta: float,
@@ -369,7 +289,7 @@ def estimate_zeta(
     ``-(1 - p_a) / 2`` and ``-SIGNED_REACH`` (:func:`signed_zeta`).
     """
     rows = np.arange(len(cache))
-    preds = replay(model_p, x, cache, rows, n_p, **kwargs)
+    preds = replay(model_p, inputs, cache, rows, n_p, **kwargs)
     preds_f, c_hat = np.asarray(cache.predictions[rows, :n_p]), cache.c_hat[rows, None]
     if Zeta(rule) is Zeta.SIGNED:
         net = (preds == c_hat).astype(np.int8) - (preds_f == c_hat)
@@ -517,7 +437,7 @@ def allocate_samples(
 
 
 def _tail_plan(
-    model_p: nn.Module, x: torch.Tensor, cache: BaseCache, settings: IRSSettings, **kwargs
+    model_p: nn.Module, inputs: Inputs, cache: BaseCache, settings: IRSSettings, **kwargs
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
     """Tail mode's decisions, from the tail alone: ``(rows, counts, use_direct, n_tail, pilot samples spent)``.
 
@@ -525,10 +445,10 @@ def _tail_plan(
     (``cache.memo``; the arrays are read-only) and every trial of a study reuses them.
     """
     if settings.pilot:
-        return _plan_from_tail(model_p, x, cache, settings, **kwargs)
+        return _plan_from_tail(model_p, inputs, cache, settings, **kwargs)
     key = ("tail plan", settings)
     if key not in cache.memo:
-        plan = _plan_from_tail(model_p, x, cache, settings, **kwargs)
+        plan = _plan_from_tail(model_p, inputs, cache, settings, **kwargs)
         for array in plan[:3]:
             array.setflags(write=False)
         cache.memo[key] = plan
@@ -536,7 +456,7 @@ def _tail_plan(
 
 
 def _plan_from_tail(
-    model_p: nn.Module, x: torch.Tensor, cache: BaseCache, settings: IRSSettings, **kwargs
+    model_p: nn.Module, inputs: Inputs, cache: BaseCache, settings: IRSSettings, **kwargs
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
     n, sigma, alpha = cache.meta.n, cache.meta.sigma, cache.meta.alpha
     n_tail = settings.tail_length(n)
@@ -550,7 +470,7 @@ def _plan_from_tail(
     if pilot:  # f^p on the first `pilot` tail samples: never replayed, so the decisions stay independent of the prefix
         preds = predict_under_noise(
             model_p,
-            x[torch.as_tensor(gated, dtype=torch.long)],
+            inputs.x[torch.as_tensor(gated, dtype=torch.long)],
             cache.seed[gated],
             Stream.ESTIMATION,
             prefix,
@@ -593,7 +513,7 @@ class IRSRun:
     def __init__(
         self,
         model_p: nn.Module,
-        x: torch.Tensor,
+        inputs: Inputs,
         cache: BaseCache,
         settings: IRSSettings,
         *,
@@ -601,14 +521,13 @@ class IRSRun:
         device: torch.device | str | None = None,
         progress: Progress | None = None,
     ) -> None:
-        if len(x) != len(cache):
-            raise ValueError(f"{len(x)} inputs given for a cache of {len(cache)} inputs")
-        self.model_p, self.x, self.cache, self.settings = model_p, x, cache, settings
+        cache.check_inputs(inputs)
+        self.model_p, self.inputs, self.cache, self.settings = model_p, inputs, cache, settings
         self._kwargs = {"batch_size": batch_size, "device": device, "progress": progress}
         self.n_tail = self.pilot_samples = 0
         if settings.mode is Mode.TAIL:
             self.rows, self.counts, self.branch, self.n_tail, self.pilot_samples = _tail_plan(
-                model_p, x, cache, settings, **self._kwargs
+                model_p, inputs, cache, settings, **self._kwargs
             )
         else:
             if settings.n_p > cache.meta.n:
@@ -660,7 +579,7 @@ class IRSRun:
         cache = self.cache
         preds = predict_under_noise(
             self.model_p,
-            self.x[torch.as_tensor(rows, dtype=torch.long)],
+            self.inputs.x[torch.as_tensor(rows, dtype=torch.long)],
             cache.seed[rows],
             Stream.ESTIMATION,
             start,
@@ -719,11 +638,20 @@ class IRSRun:
 
         Every radius grows with #{f^p = c_hat} and falls as zeta rises (Clopper-Pearson bounds are monotone in the
         count), so the radius reached with every remaining sample predicting c_hat and the smallest zeta they could
-        give (:meth:`_zeta`) bounds it.
+        give (:meth:`_zeta`) bounds it.  The radii are averaged exactly as :attr:`IRSResult.acr` averages them (over
+        every input, zeros included; rounding is monotone), so the bound is never below the final ACR in floating
+        point either, and equals it bit for bit when nothing is left to lose: a rival with identical values never
+        dominates a trial that would tie it.
         """
         rest = self.counts - self.seen
         optimistic, _, _ = self._radii(self._zeta(optimistic=True), self.hits + rest)
-        return float(optimistic.sum() / len(self.cache)) if len(self.cache) else 0.0
+        return acr(self._all_inputs(optimistic))
+
+    def _all_inputs(self, radius: np.ndarray) -> np.ndarray:
+        """Every cache input's radius (0 where not evaluated), from the evaluated inputs' ``radius``."""
+        out = np.zeros(len(self.cache))
+        out[self.rows] = radius
+        return out
 
     def result(self) -> IRSResult:
         """Replay what is left and return the certificate (level ``settings.total_alpha(alpha)``)."""
@@ -789,7 +717,7 @@ def _result(
 
 def certify_irs(
     model_p: nn.Module,
-    x: torch.Tensor,
+    inputs: Inputs,
     cache: BaseCache,
     settings: IRSSettings,
     *,
@@ -797,5 +725,5 @@ def certify_irs(
     device: torch.device | str | None = None,
     progress: Progress | None = None,
 ) -> IRSResult:
-    """Certify the smoothed approximation g^p on the cache's inputs (``x``: the same inputs, in cache order)."""
-    return IRSRun(model_p, x, cache, settings, batch_size=batch_size, device=device, progress=progress).result()
+    """Certify the smoothed approximation g^p on the cache's inputs (``inputs``: the cache's own, in its order)."""
+    return IRSRun(model_p, inputs, cache, settings, batch_size=batch_size, device=device, progress=progress).result()

@@ -1,7 +1,19 @@
-"""Model architectures known to approxtune, addressed by name from a study file.
+"""Base models: the built-in architectures, a user's own (a factory or a torchvision name), and their checkpoints.
 
-Every model takes inputs in pixel space ([0, 1]) and returns logits; any normalisation is a layer inside the model,
-so noise is always added before normalisation, as in Cohen et al. (2019).
+A model maps a float batch ``(N, *shape)`` to logits ``(N, classes)``.  Noise is added to the input the model
+receives, so any normalisation belongs inside the model (a layer in front), as in Cohen et al. (2019): certified radii
+are then in the units of the data (pixels for images).
+
+How a model is built is recorded as an *architecture spec*, a small JSON-able dict that an export keeps so that
+:func:`build_architecture` can rebuild it later:
+
+* ``{"kind": "builtin", "arch": NAME}``: one of :data:`ARCHITECTURES`;
+* ``{"kind": "factory", "factory": "package.module:callable", "kwargs": {...}, "folder": DIR}``: the user's code,
+  imported from ``folder`` (the study file's) or ``sys.path``;
+* ``{"kind": "torchvision", "name": NAME, "num_classes": C, "mean": [...], "std": [...]}``: a torchvision
+  classification architecture (random weights, never downloaded), behind a :class:`NormalizeLayer` if mean/std given;
+* ``{"kind": "module", "class": "package.module:Class"}``: a model object passed to the Python API, rebuilt by
+  calling its class without arguments.
 
 The built-in architectures are:
 
@@ -15,14 +27,20 @@ The last three have exactly the parameter names of Cohen et al.'s released check
 
 from __future__ import annotations
 
+import difflib
 import os
 import pickle
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+
+from approxtune.config import ARCHITECTURES as ARCHITECTURE_NAMES
+from approxtune.errors import ApproxtuneError
+from approxtune.usercode import UserCodeError, import_callable
 
 __all__ = [
     "ARCHITECTURES",
@@ -34,13 +52,17 @@ __all__ = [
     "CheckpointError",
     "CifarResNet",
     "DigitsCNN",
+    "ModelError",
     "NormalizeLayer",
+    "build_architecture",
     "build_model",
     "cifar_resnet20",
     "cifar_resnet110",
     "imagenet_resnet50",
     "load_checkpoint",
+    "load_weights",
     "save_checkpoint",
+    "torchvision_names",
 ]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -173,12 +195,10 @@ def imagenet_resnet50() -> nn.Sequential:
     return nn.Sequential(NormalizeLayer(IMAGENET_MEAN, IMAGENET_SD), resnet50(weights=None))
 
 
-ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
-    "digits-cnn": DigitsCNN,
-    "cifar_resnet20": cifar_resnet20,
-    "cifar_resnet110": cifar_resnet110,
-    "resnet50": imagenet_resnet50,
-}
+ARCHITECTURES: dict[str, Callable[[], nn.Module]] = dict(
+    zip(ARCHITECTURE_NAMES, (DigitsCNN, cifar_resnet20, cifar_resnet110, imagenet_resnet50), strict=True)
+)
+"""The built-in architectures, by the names a study file uses (:data:`approxtune.config.ARCHITECTURES`)."""
 
 
 def build_model(arch: str) -> nn.Module:
@@ -186,11 +206,80 @@ def build_model(arch: str) -> nn.Module:
     try:
         return ARCHITECTURES[arch]()
     except KeyError:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}") from None
+        raise ModelError(f"unknown architecture {arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}") from None
 
 
-class CheckpointError(ValueError):
+class ModelError(ApproxtuneError):
+    """A model that cannot be built as its spec says, or that does not fit the study's data."""
+
+
+class CheckpointError(ModelError):
     """A checkpoint that cannot be loaded safely or does not fit its architecture."""
+
+
+def torchvision_names() -> list[str]:
+    """The classification architectures of ``torchvision.models`` (``resnet18``, ``vit_b_16``, ...)."""
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _torchvision_model(name: str, num_classes: int, mean: Sequence[float], std: Sequence[float]) -> nn.Module:
+    from torchvision.models import get_model
+
+    names = torchvision_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ModelError(
+            f"model.torchvision = {name!r} is not a torchvision classification architecture; {hint}"
+            f"choose one of {', '.join(names[:12])}, ... ({len(names)} in all)"
+        )
+    net = get_model(name, weights=None, **({"num_classes": num_classes} if num_classes else {}))
+    return nn.Sequential(NormalizeLayer(mean, std), net) if mean else net
+
+
+def build_architecture(spec: Mapping[str, Any], folders: Sequence[Path] = ()) -> nn.Module:
+    """A freshly built model of the architecture ``spec`` describes (module docstring), on the CPU.
+
+    ``folders`` are searched for a factory's module before the spec's own folder and ``sys.path``.  Raises
+    :class:`ModelError` naming what could not be built and how to fix it.
+    """
+    try:
+        return _build(spec, folders)
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, ModelError):
+            raise
+        raise ModelError(f"malformed architecture spec {dict(spec)!r} ({type(exc).__name__}: {exc})") from None
+
+
+def _build(spec: Mapping[str, Any], folders: Sequence[Path]) -> nn.Module:
+    kind = spec.get("kind")
+    if kind == "builtin":
+        return build_model(str(spec.get("arch")))
+    if kind == "torchvision":
+        return _torchvision_model(str(spec["name"]), int(spec.get("num_classes") or 0), spec["mean"], spec["std"])
+    if kind == "factory":
+        folder = [Path(spec["folder"])] if spec.get("folder") else []
+        factory = import_callable(str(spec["factory"]), "model.factory", [*folders, *folder])
+        what = f"model.factory = {spec['factory']!r}"
+        kwargs = dict(spec.get("kwargs") or {})
+    elif kind == "module":
+        try:
+            factory = import_callable(str(spec["class"]), "the model's class", folders)
+        except UserCodeError as exc:
+            raise ModelError(f"{exc}; pass the architecture instead: load_model(DIR, model=YourNet(...))") from None
+        what, kwargs = f"the model's class {spec['class']}", {}
+    else:
+        raise ModelError(f"unknown architecture kind {kind!r} (builtin, factory, torchvision or module)")
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:  # the user's code raised
+        fix = " pass the architecture: load_model(DIR, model=YourNet(...))" if kind == "module" else ""
+        raise ModelError(f"{what} raised {type(exc).__name__}: {exc};{fix}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{what} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 _WRAPPER_PREFIX = "module"  # what torch.nn.DataParallel / DistributedDataParallel insert into parameter names
@@ -216,9 +305,9 @@ def _read(path: Path) -> object:
         if blocked is None:
             raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({reason})") from None
         raise CheckpointError(
-            f"refusing to load {path}: it is not a plain-data checkpoint, and unpickling it could run code (it refers "
-            f"to {blocked}, which torch.load(weights_only=True) does not allow). If you trust the file, re-save it as "
-            f'torch.save({{"arch": ARCH, "state_dict": model.state_dict()}}, PATH)'
+            f"refusing to load {path}: unsafe: it is not a plain-data checkpoint, and unpickling it could run code (it "
+            f"refers to {blocked}, which torch.load(weights_only=True) does not allow). If you trust the file, re-save "
+            f'it as torch.save({{"arch": ARCH, "state_dict": model.state_dict()}}, PATH)'
         ) from None
     except Exception as exc:  # a truncated or foreign file fails anywhere inside torch.load
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
@@ -312,6 +401,20 @@ def load_checkpoint(path: str | Path, arch: str | None = None) -> nn.Module:
         )
     model = build_model(arch)
     _fit(model, state, arch, path)
+    return model.eval()
+
+
+def load_weights(model: nn.Module, path: str | Path, name: str) -> nn.Module:
+    """Load the checkpoint at ``path`` (a plain or Cohen-style state dict, ``weights_only``) into ``model``.
+
+    ``name`` names the architecture in messages.  A file whose tensors do not fit raises :class:`CheckpointError`
+    naming the missing, unexpected and mis-shaped keys.  Returns ``model`` in eval mode.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; set model.checkpoint to the file of your weights")
+    state, _ = _split(_read(path), path)
+    _fit(model, state, name, path)
     return model.eval()
 
 

@@ -8,14 +8,18 @@ Each trial samples a precision and a pruning amount for every searched layer, bu
 * **accuracy** (maximise): f^p's clean accuracy on the search inputs;
 * **size** (minimise): the bytes of f^p's compressed weights (:func:`approxtune.approximation.model_size_bytes`).
 
-``study.best_trials`` is the Pareto front.  Trials carry their numbers as user attributes, so optuna-dashboard shows
-them; the study records what its trials were certified against and refuses to resume against anything else.
+``study.best_trials`` is the Pareto front.  Trials carry their numbers as user attributes, rounded to what they mean,
+so optuna-dashboard shows them (with a note per trial, :mod:`approxtune.dashboard`); a complete trial keeps its exact
+result and per-input radii in the system attribute :data:`RESULT_ATTR`.  The study records what its trials were
+certified against and refuses to resume against anything else.
 
 **Racing.**  Most candidates of a multi-objective search end up dominated.  A trial's accuracy and size are known
 before any noise sample; its ACR is bounded from above, before sampling and after each fraction ``search.race`` of
-its replay, by :meth:`approxtune.irs.IRSRun.upper_acr` (every remaining sample agreeing with f).  When that best
-reachable ``(ACR, accuracy, size)`` is Pareto-dominated by a complete feasible trial, or the candidate breaks a
-constraint, the full run could not reach the feasible front either: the trial stops as PRUNED with what it had
+its replay, by :meth:`approxtune.irs.IRSRun.upper_acr` (every remaining sample the best it could be: predicting c_hat
+and losing nothing, and for the signed zeta a gain wherever f misses c_hat), averaged as the final ACR is, so that a
+trial tied with a complete one is never stopped for it.  When that best reachable ``(ACR, accuracy, size)`` is
+Pareto-dominated by a complete feasible trial, or the candidate breaks a constraint, the full run could not reach the
+feasible front either: the trial stops as PRUNED with what it had
 seen in its user attributes (Optuna's pruners do not work for multi-objective studies; we raise
 ``optuna.TrialPruned`` ourselves).  Otherwise the same replay is extended, so no sample is evaluated twice, and only a
 trial that reaches its full pre-set budget reports a certificate.  The front of the trials run is therefore exactly
@@ -40,20 +44,19 @@ after ``search.grace_period`` seconds another worker marks its trial FAIL and en
 from __future__ import annotations
 
 import hashlib
+import json
 import math
-import os
-import socket
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 
+import numpy as np
 import optuna
 import torch
 from torch import nn
 
+from approxtune import dashboard
 from approxtune.approximation import (
     PRESETS,
     ApproximationConfig,
@@ -64,11 +67,14 @@ from approxtune.approximation import (
     fp32_size_bytes,
     model_size_bytes,
 )
-from approxtune.cache import BaseCache
+from approxtune.cache import BaseCache, CacheMeta, cache_fingerprint
 from approxtune.config import Study
 from approxtune.data import Inputs
+from approxtune.errors import ApproxtuneError
 from approxtune.guided import Guide, GuidedSampler
 from approxtune.irs import IRSRun
+from approxtune.storage import is_shared_storage, load_existing_study, masked_url, study_storage, worker_id
+from approxtune.trials import RESULT_ATTR, decode_radii, encode_radii, feasible
 
 __all__ = [
     "OBJECTIVES",
@@ -82,14 +88,9 @@ __all__ = [
     "earlier_result",
     "enqueue_baselines",
     "evaluate",
-    "front",
-    "is_shared_storage",
     "make_objective",
     "make_race",
-    "masked_url",
-    "storage",
     "study_attrs",
-    "worker_id",
 ]
 
 OBJECTIVES = ("ACR", "accuracy", "size_bytes")
@@ -97,24 +98,42 @@ DIRECTIONS = ("maximize", "maximize", "minimize")
 REPORT_RADII = (0.25, 0.5, 0.75, 1.0)
 
 
-class StudyMismatchError(ValueError):
+class StudyMismatchError(ApproxtuneError):
     """An existing Optuna study that was run against another cache or other IRS settings."""
 
 
-def clean_accuracy(model: nn.Module, inputs: Inputs, device: torch.device | str = "cpu") -> float:
-    """Accuracy of ``model`` on the unperturbed inputs."""
+def clean_accuracy(
+    model: nn.Module | Callable[[torch.Tensor], torch.Tensor], inputs: Inputs, device: torch.device | str = "cpu"
+) -> float:
+    """Accuracy of ``model`` (a module, put in eval mode, or any function from a batch to logits) on the unperturbed
+    inputs: the exact count of correct ones over their number (float64)."""
+    if isinstance(model, nn.Module):
+        model.eval()
+    correct = 0
     with torch.inference_mode():
-        preds = [model.eval()(inputs.x[i : i + 1024].to(device)).argmax(1).cpu() for i in range(0, len(inputs), 1024)]
-    return float((torch.cat(preds) == inputs.y).float().mean())
+        for i in range(0, len(inputs), 1024):
+            predicted = model(inputs.x[i : i + 1024].to(device)).argmax(1).cpu()
+            correct += int((predicted == inputs.y[i : i + 1024]).sum())
+    return correct / len(inputs)
 
 
 Values = tuple[float, float, int]
 """A trial's objectives: (ACR, accuracy, size in bytes)."""
 
 
+def _rounded(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None or math.isnan(value) else round(value, digits)
+
+
+def _rounded_up(value: float, digits: int = 4) -> float:
+    """``value`` rounded up to ``digits`` decimals (an upper bound stays one); unchanged if already rounded."""
+    shown = round(value, digits)
+    return shown if shown >= value else round(shown + 10**-digits, digits)
+
+
 @dataclass
 class TrialResult:
-    """What one candidate scores; ``to_attrs`` is what a trial records."""
+    """What one candidate scores; :meth:`to_attrs` is what a trial shows, :meth:`record` what it keeps exactly."""
 
     config: ApproximationConfig
     acr: float
@@ -129,6 +148,8 @@ class TrialResult:
     seconds: float
     same_as: int | None = None
     """The earlier trial of the same configuration whose result this is (no sample evaluated), if any."""
+    radii: np.ndarray | None = field(default=None, repr=False, compare=False)
+    """Certified radius of each search input, in cache order (:attr:`approxtune.irs.IRSResult.radius`)."""
 
     @property
     def values(self) -> Values:
@@ -136,18 +157,46 @@ class TrialResult:
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> TrialResult:
-        """The result a complete trial recorded (:meth:`to_attrs`)."""
-        kept = {f.name for f in fields(cls)} - {"config"}
+        """The result in a :meth:`record` (or, for a trial recorded before records, its exact user attributes)."""
+        kept = {f.name for f in fields(cls)} - {"config", "radii"}
         values = {k: v for k, v in attrs.items() if k in kept}
         values["mean_zeta"] = math.nan if values.get("mean_zeta") is None else values["mean_zeta"]
-        return cls(config=ApproximationConfig.from_dict(attrs["config"]), **values)
+        radii = None if attrs.get("radii") is None else decode_radii(attrs["radii"])
+        return cls(config=ApproximationConfig.from_dict(attrs["config"]), radii=radii, **values)
+
+    @classmethod
+    def from_trial(cls, trial: optuna.trial.FrozenTrial) -> TrialResult:
+        """The exact result a complete trial recorded."""
+        record = trial.system_attrs.get(RESULT_ATTR)
+        return cls.from_attrs(trial.user_attrs if record is None else json.loads(record))
+
+    def record(self) -> str:
+        """The exact result and the radii, as JSON text (the trial system attribute :data:`RESULT_ATTR`)."""
+        record = {k: v for k, v in asdict(self).items() if k not in ("config", "radii")}
+        record["config"] = self.config.to_dict()
+        record["mean_zeta"] = None if math.isnan(self.mean_zeta) else self.mean_zeta
+        record["radii"] = None if self.radii is None else encode_radii(self.radii)
+        return json.dumps(record)
 
     def to_attrs(self) -> dict:
-        attrs = {k: v for k, v in asdict(self).items() if k != "config"}
-        attrs["config"] = self.config.to_dict()
-        attrs["summary"] = self.config.summary()
-        attrs["mean_zeta"] = None if math.isnan(self.mean_zeta) else self.mean_zeta
-        return attrs
+        """User attributes, rounded to what they mean: 4 decimals for ACR and fractions, sizes in whole bytes; the
+        configuration as ``config`` (JSON), ``summary`` and one ``layer <name>`` attribute per layer."""
+        return {
+            "acr": _rounded(self.acr),
+            "accuracy": _rounded(self.accuracy),
+            "size_bytes": int(self.size_bytes),
+            "size_ratio": _rounded(self.size_ratio),
+            "certified_accuracy": {r: _rounded(a) for r, a in self.certified_accuracy.items()},
+            "mean_zeta": None if math.isnan(self.mean_zeta) else float(f"{self.mean_zeta:.4g}"),
+            "direct_share": _rounded(self.direct_share),
+            "confidence": _rounded(self.confidence, 6),
+            "samples": int(self.samples),
+            "seconds": _rounded(self.seconds, 2),
+            "same_as": self.same_as,
+            "config": self.config.to_dict(),
+            "summary": self.config.summary(),
+            **dashboard.layer_attrs(self.config),
+        }
 
 
 Race = Callable[[Values], str | None]
@@ -180,11 +229,11 @@ class Stopped(Exception):
         return {
             "stopped": self.reason,
             "race_stage": self.stage,
-            "upper_acr": self.upper[0],
-            "accuracy": self.upper[1],
-            "size_bytes": self.upper[2],
+            "upper_acr": _rounded_up(self.upper[0]),
+            "accuracy": _rounded(self.upper[1]),
+            "size_bytes": int(self.upper[2]),
             "samples": self.samples,
-            "seconds": self.seconds,
+            "seconds": _rounded(self.seconds, 2),
             "summary": self.summary,
             "same_as": self.same_as,
         }
@@ -210,7 +259,7 @@ def evaluate(
     approx = apply_approximation(model, config, packed).to(device)
     accuracy = clean_accuracy(approx, inputs, device)
     size = model_size_bytes(model, config, packed)
-    run = IRSRun(approx, inputs.x, cache, study.irs_settings, batch_size=study.certify.batch_size, device=device)
+    run = IRSRun(approx, inputs, cache, study.irs_settings, batch_size=study.certify.batch_size, device=device)
     for stage in (0.0, *study.search.race) if race is not None else ():
         run.extend(stage)
         if stage > 0 and run.complete:  # whole noise blocks reached the full budget: nothing left to save
@@ -232,6 +281,7 @@ def evaluate(
         confidence=1.0 - result.alpha,
         samples=result.samples,
         seconds=time.perf_counter() - start,
+        radii=result.radius,
     )
 
 
@@ -262,7 +312,7 @@ def earlier_result(trial: optuna.Trial, config: ApproximationConfig, racing: boo
         upper = (attrs["upper_acr"], attrs["accuracy"], attrs["size_bytes"])
         seconds = time.perf_counter() - start
         raise Stopped(reason, attrs["race_stage"], upper, 0, seconds, attrs["summary"], same_as=twin.number)
-    result = TrialResult.from_attrs(attrs)
+    result = TrialResult.from_trial(twin)
     return replace(result, samples=0, seconds=time.perf_counter() - start, same_as=twin.number)
 
 
@@ -311,19 +361,15 @@ def suggest_config(trial: optuna.Trial, layers: Sequence[str], study: Study) -> 
     )
 
 
-def cache_fingerprint(cache: BaseCache) -> str:
-    """SHA-256 of the cache's metadata, which determines its contents (model, inputs, sigma, n, alpha, seed)."""
-    return hashlib.sha256(cache.meta.to_json().encode()).hexdigest()
-
-
-def study_attrs(study: Study, cache: BaseCache, base_accuracy: float, model: nn.Module) -> dict:
-    """What a study records about the certificate its trials build on; resuming requires the same values."""
+def settings_attrs(study: Study, meta: CacheMeta) -> dict:
+    """The part of :func:`study_attrs` known before certifying: the settings and the cache's fingerprint."""
     i = study.irs
     return {
-        "cache_fingerprint": cache_fingerprint(cache),
-        "sigma": cache.meta.sigma,
-        "n": cache.meta.n,
-        "alpha": cache.meta.alpha,
+        "cache_fingerprint": cache_fingerprint(meta),
+        "cache_format": meta.format_version,
+        "sigma": meta.sigma,
+        "n": meta.n,
+        "alpha": meta.alpha,
         "n_p": i.n_p,
         "alpha_zeta": i.alpha_zeta,
         "alpha_d": i.alpha_d,
@@ -334,7 +380,14 @@ def study_attrs(study: Study, cache: BaseCache, base_accuracy: float, model: nn.
         "allocate": i.allocate,
         "block": i.block,
         "pilot": i.pilot,
-        "confidence": 1.0 - study.irs_settings.total_alpha(cache.meta.alpha),
+        "confidence": 1.0 - study.irs_settings.total_alpha(meta.alpha),
+    }
+
+
+def study_attrs(study: Study, cache: BaseCache, base_accuracy: float, model: nn.Module) -> dict:
+    """What a study records about the certificate its trials build on; resuming requires the same values."""
+    return {
+        **settings_attrs(study, cache.meta),
         "search_inputs": len(cache),
         "base_acr": float(cache.summary()["acr"]),
         "base_accuracy": base_accuracy,
@@ -344,6 +397,7 @@ def study_attrs(study: Study, cache: BaseCache, base_accuracy: float, model: nn.
 
 CHECKED_ATTRS = (
     "cache_fingerprint",
+    "cache_format",
     "sigma",
     "n",
     "alpha",
@@ -354,8 +408,9 @@ CHECKED_ATTRS = (
     "irs_zeta",
     "gamma",
 )
-RECORDED_BEFORE = {"irs_zeta": "disagreement"}
-"""What a study created before an attribute was recorded ran with (zeta counted disagreements until irs.zeta)."""
+RECORDED_BEFORE = {"irs_zeta": "disagreement", "cache_format": 1}
+"""What a study created before an attribute was recorded ran with (zeta counted disagreements until irs.zeta; its
+trials were certified against a cache of format 1 until the format was recorded)."""
 TAIL_ATTRS = ("n_tail", "allocate", "block", "pilot")
 """Checked on resume as well when the IRS mode is "tail" (the other modes ignore them)."""
 
@@ -376,105 +431,6 @@ def make_sampler(study: Study, seed: int | None = None, guide: Guide | None = No
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     return optuna.samplers.RandomSampler(seed=seed)
-
-
-def feasible(trial: optuna.trial.FrozenTrial) -> bool:
-    """Whether the trial met the study's constraints (Optuna constraint values, feasible when all are <= 0)."""
-    return bool(trial.constraints) and all(v <= 0 for v in trial.constraints.values())
-
-
-def is_shared_storage(url: str) -> bool:
-    """Whether ``url`` names a database server that workers on several machines can share (anything but SQLite)."""
-    return not url.startswith("sqlite")
-
-
-def masked_url(url: str) -> str:
-    """``url`` with its password hidden, for messages."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url
-
-
-def worker_id() -> str:
-    """``host:pid`` of this process, recorded on every trial it runs (user attribute ``worker``)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-_SCHEMA_LOCK = 0x617070726F78  # pg_advisory_lock key ("approx") serialising Optuna's table creation
-
-
-@contextmanager
-def _schema_lock(url: str) -> Iterator[None]:
-    """On PostgreSQL, hold an advisory lock while Optuna creates its tables: workers starting at once on an empty
-    database would otherwise race on CREATE TABLE (duplicate pg_type rows) and on the schema version rows."""
-    if not url.startswith("postgresql"):
-        yield
-        return
-    import sqlalchemy
-    from sqlalchemy.pool import NullPool
-
-    engine = sqlalchemy.create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 10})
-    try:
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": _SCHEMA_LOCK})
-            try:
-                yield
-            finally:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": _SCHEMA_LOCK})
-    finally:
-        engine.dispose()
-
-
-def storage(
-    url: str, heartbeat_interval: int = 30, grace_period: int = 90, max_retry: int = 2
-) -> optuna.storages.BaseStorage:
-    """An RDB storage with heartbeats: a trial whose worker died is marked FAIL and enqueued again (twice at most).
-
-    Every ``heartbeat_interval`` seconds a running trial's worker records a heartbeat; a RUNNING trial without one for
-    ``grace_period`` seconds is stale: the next worker to start a trial fails it and enqueues a copy.  A storage that
-    cannot be reached or whose driver is missing raises ValueError naming the fix.
-    """
-    import sqlalchemy.exc
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
-    # SQLite: wait for the file lock; a server: a worker outlives server restarts and idle-connection timeouts.
-    engine_kwargs: dict = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    if url.startswith("postgresql"):
-        engine_kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable host fails, instead of hanging
-    attempts = 5
-    for attempt in range(attempts):
-        try:
-            with _schema_lock(url), warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(
-                    url,
-                    heartbeat_interval=heartbeat_interval,
-                    grace_period=grace_period,
-                    heartbeat_stale_trial_callback=retry,
-                    engine_kwargs=engine_kwargs,
-                )
-        except ImportError as exc:
-            raise ValueError(
-                f"the study storage {masked_url(url)} needs a database driver that is not installed ({exc}); for "
-                "PostgreSQL: pip install 'approxtune[postgres]'"
-            ) from None
-        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
-            # Another process creating the tables at the same moment (SQLite, MySQL), or a server that is not up.
-            if attempt == attempts - 1:
-                reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-                raise ValueError(f"cannot open the study storage {masked_url(url)}: {reason}") from None
-            time.sleep(0.2 * 2**attempt)
-    raise AssertionError("unreachable")
-
-
-def _storage_of(study: Study) -> optuna.storages.BaseStorage:
-    return storage(study.storage, study.search.heartbeat_interval, study.search.grace_period)
 
 
 SETUP_TIMEOUT = 60.0
@@ -509,7 +465,7 @@ def create_study(
     the study recorded, and samples with a seed of its own: workers seeded alike would propose the same trials.
     ``guide``: the guided sampler's predictions (``search.sampler = "guided"``).
     """
-    optuna_storage = _storage_of(study)
+    optuna_storage = study_storage(study)
     try:
         optuna_study = optuna.create_study(
             study_name=study.name,
@@ -562,31 +518,49 @@ def _wait_for_setup(optuna_study: optuna.Study, study: Study, timeout: float) ->
 def _check_recorded(study: Study, recorded: dict, attrs: dict) -> None:
     keys = CHECKED_ATTRS + (TAIL_ATTRS if attrs["irs_mode"] == "tail" else ())
     recorded = {**RECORDED_BEFORE, **recorded}
-    diffs = [f"{k}: study has {recorded.get(k)!r}, now {attrs[k]!r}" for k in keys if recorded.get(k) != attrs[k]]
-    if not diffs:
-        return
-    hint = ""
-    if recorded.get("cache_fingerprint") != attrs["cache_fingerprint"]:
-        hint = (
-            "\nThis worker's base cache is not the one the study was run against: every worker must read the same "
-            "cache (same model checkpoint, inputs and certify settings). Put the study's output_dir on storage all "
-            "machines share, or copy the cache and the model checkpoint from the machine that created the study."
+    fix = f"use a new study.name or output_dir, or delete the study ({_delete_hint(study)})"
+    if recorded["cache_format"] != attrs["cache_format"]:
+        raise StudyMismatchError(
+            f"study {study.name!r} was tuned against a base cache of format {recorded['cache_format']}, whose noise "
+            f"this approxtune no longer draws (it reads format {attrs['cache_format']}): its certificates cannot be "
+            f"mixed with new ones; tune a new study: {fix}"
         )
-    raise StudyMismatchError(
-        f"study {study.name!r} in {masked_url(study.storage)} was run against another base certification or IRS "
-        "setting:\n  " + "\n  ".join(diffs) + hint + "\nUse a new study name (study.name) or delete the study."
-    )
+    diffs = [k for k in keys if recorded.get(k) != attrs[k] and k not in (_SETUP_MARK, "cache_format")]
+    if diffs:
+        changed = "; ".join(f"{k}: study has {recorded.get(k)!r}, now {attrs[k]!r}" for k in diffs)
+        raise StudyMismatchError(
+            f"study {study.name!r} was tuned with other settings ({changed}); resuming it would mix certificates: "
+            f"restore those settings, or {fix}"
+        )
+    if recorded.get(_SETUP_MARK) != attrs[_SETUP_MARK]:
+        where = (
+            "; every worker must read the same cache: put output_dir on storage all machines share, or copy the "
+            "cache and the model checkpoint from the machine that created the study"
+            if is_shared_storage(study.storage)
+            else ""
+        )
+        raise StudyMismatchError(
+            f"study {study.name!r} was tuned against another base certification (the model's weights, the data or "
+            f"a certify setting changed){where}; resuming it would mix certificates: restore them, or {fix}"
+        )
 
 
-def load_existing_study(study: Study) -> optuna.Study | None:
-    """The study's Optuna study if it exists (an SQLite file is not created when it is missing)."""
+def _delete_hint(study: Study) -> str:
     url = study.storage
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        return None
-    try:
-        return optuna.load_study(study_name=study.name, storage=_storage_of(study))
-    except KeyError:
-        return None
+    if url.startswith("sqlite:///"):
+        return f"rm {url.removeprefix('sqlite:///')}"
+    return f"optuna delete-study --study-name {study.name} --storage URL"
+
+
+def check_existing(study: Study, attrs: dict) -> None:
+    """Refuse, before any certification, to resume a study recorded with other settings or another base cache.
+
+    ``attrs`` are :func:`settings_attrs` of the certification about to be used; a study that does not exist yet, or
+    that its creator has not finished setting up, passes.
+    """
+    existing = load_existing_study(study)
+    if existing is not None and _SETUP_MARK in existing.user_attrs:
+        _check_recorded(study, existing.user_attrs, attrs)
 
 
 def baseline_params(study: Study, layers: Sequence[str]) -> dict[str, dict]:
@@ -632,6 +606,7 @@ def make_objective(
     limits = study.search.constraints
     fp32_size = fp32_size_bytes(model)
     worker = worker_id()
+    base = {"acr": float(cache.summary()["acr"]), "accuracy": base_accuracy}
 
     def objective(trial: optuna.Trial) -> Values:
         trial.set_user_attr("worker", worker)  # which process runs it (a stale trial's worker died)
@@ -647,28 +622,25 @@ def make_objective(
                 model, config, inputs, cache, study, device, race
             )
         except Stopped as stopped:
-            for key, value in stopped.to_attrs().items():
+            attrs = {**stopped.to_attrs(), "config": config.to_dict(), **dashboard.layer_attrs(config)}
+            for key, value in attrs.items():
                 trial.set_user_attr(key, value)
-            trial.set_user_attr("config", config.to_dict())
+            dashboard.save_trial_note(trial, base)
             if on_result is not None:
                 on_result(trial, stopped)
             raise optuna.TrialPruned(stopped.reason) from None
-        for key, value in result.to_attrs().items():
-            trial.set_user_attr(key, value)
         accuracy_drop = base_accuracy - result.accuracy
+        violation = constraint_violation(study, base_accuracy, fp32_size, result.values)
+        # optuna-dashboard 0.21 does not show Optuna 5's trial constraints: repeat them as user attrs.
+        attrs = {**result.to_attrs(), "accuracy_drop": _rounded(accuracy_drop), "feasible": violation is None}
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        trial.storage.set_trial_system_attr(trial._trial_id, RESULT_ATTR, result.record())
         trial.set_constraint("accuracy_drop", accuracy_drop - limits.max_accuracy_drop)
         trial.set_constraint("size_ratio", result.size_ratio - limits.max_size_ratio)
-        # optuna-dashboard 0.21 does not show Optuna 5's trial constraints: repeat them as user attrs.
-        trial.set_user_attr("accuracy_drop", accuracy_drop)
-        trial.set_user_attr("feasible", constraint_violation(study, base_accuracy, fp32_size, result.values) is None)
+        dashboard.save_trial_note(trial, base, violation)
         if on_result is not None:
             on_result(trial, result)
         return result.values
 
     return objective
-
-
-def front(optuna_study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """The feasible Pareto-optimal trials, by decreasing ACR."""
-    trials = [t for t in optuna_study.best_trials if feasible(t)]
-    return sorted(trials, key=lambda t: (-t.values[0], t.values[2]))

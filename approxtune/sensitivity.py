@@ -55,6 +55,7 @@ from torch import nn
 from approxtune.approximation import ApproximationConfig, LayerChoice, apply_approximation
 from approxtune.cache import BaseCache
 from approxtune.certification import DEFAULT_BATCH_SIZE, predict_under_noise
+from approxtune.data import Inputs
 from approxtune.irs import IRSSettings, Mode, plausible_radii
 from approxtune.noise import Stream
 
@@ -247,7 +248,7 @@ def measurement_key(
 
 def measure(
     model: nn.Module,
-    x: torch.Tensor,
+    inputs: Inputs,
     cache: BaseCache,
     key: dict,
     *,
@@ -257,8 +258,11 @@ def measure(
 ) -> Sensitivity:
     """Measure every single-layer choice of ``key`` (:func:`measurement_key`) at its guide positions.
 
-    ``x`` holds the search inputs in cache order; ``progress`` is called with 1 after each choice.
+    ``inputs``: the cache's own search inputs, in its order (anything else is refused); ``progress`` is called with 1
+    after each choice.
     """
+    cache.check_inputs(inputs)
+    x = inputs.x
     started = time.perf_counter()
     n, start, m = cache.meta.n, key["start"], key["samples"]
     stream = Stream[key["stream"].upper()]

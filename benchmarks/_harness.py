@@ -20,27 +20,17 @@ import optuna
 import torch
 from torch import nn
 
-from approxtune import pipeline, search
+from approxtune import pipeline, search, storage
 from approxtune.approximation import ApproximationConfig
 from approxtune.cache import BaseCache
 from approxtune.config import Study, load_study
 from approxtune.data import Inputs
+from approxtune.export.runtimes import cpu_model
 from approxtune.statistics import acr, lower_confidence_bound, radius
 
 NOTES = "<!-- notes: kept when the script rewrites the tables above -->"
 SCRATCH_GRID = 16
 """Certification from scratch at equal ACR is searched over sample counts that are multiples of this."""
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what ``platform.processor()`` says, else "unknown"."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine(threads: int | None = None) -> str:
@@ -111,7 +101,7 @@ def load(path: str | Path) -> Loaded:
 def load_tuned(path: str | Path) -> tuple[Loaded, optuna.Study]:
     """A study that ``approxtune tune`` has run, and its Optuna study."""
     loaded = load(path)
-    optuna_study = search.load_existing_study(loaded.study)
+    optuna_study = storage.load_existing_study(loaded.study)
     if optuna_study is None:
         raise SystemExit(f"no study yet: run `approxtune tune {path}` first")
     return loaded, optuna_study

@@ -108,7 +108,7 @@ def run(args) -> dict:
                 point = {"n_p": n_p, "budget": int(n_p * cert.sum()), "rules": {}}
                 for rule, (settings, stated) in rules(n_p, sigma).items():
                     t0 = time.perf_counter()
-                    r = certify_irs(model_p, inputs.x, cache, settings, device="cpu")
+                    r = certify_irs(model_p, inputs, cache, settings, device="cpu")
                     ev = r.evaluated
                     assert r.samples <= point["budget"]
                     if rule == "direct-only":

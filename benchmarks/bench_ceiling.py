@@ -139,7 +139,7 @@ def main() -> None:
         row = by_trial[trial.number]
         if row["summary"] != trial.user_attrs["summary"]:
             raise SystemExit(f"trial {trial.number} differs from {args.study_results}: rerun bench_study.py first")
-        p_hit = replay(apply_approximation(model, config), inputs.x, cache, rows, n) == c_hat
+        p_hit = replay(apply_approximation(model, config), inputs, cache, rows, n) == c_hat
         loss, gain = (f_hit & ~p_hit).mean(axis=1), (~f_hit & p_hit).mean(axis=1)
         d = loss - gain
         alpha = 1.0 - row["confidence"]

@@ -31,6 +31,17 @@ Usage::
 
 Torch threads are left at torch's default (recorded in the results) unless ``--threads`` is given
 (``--threads default 1`` compares torch's default with one thread per process).
+
+**Noise against the forward pass** (``--noise``; in this process, one torch thread unless ``--threads``): for the
+digits CNN (1x8x8), CIFAR ResNet-20 (3x32x32) and an ImageNet ResNet-50 (3x224x224, random weights), the normals per
+second the bare forward pass consumes (samples/s x numbers per sample) against what approxtune's generator
+(:func:`approxtune.noise.normal_blocks`, as many 64-sample blocks in one call as the engine draws: a batch's, and at
+least ``certification.NOISE_CHUNK`` numbers) and, for
+reference, torch's ``randn`` with one seeded ``torch.Generator`` per block (the generator approxtune used before its
+noise became bit-identical across CPUs) produce on one thread; the engine against the bare forward pass end to end;
+and blocks drawn on two threads at once (numpy releases the GIL in its array loops)::
+
+    python benchmarks/bench_engine.py --noise --out benchmarks/engine_noise_results   # about 5 minutes
 """
 
 from __future__ import annotations
@@ -529,6 +540,158 @@ def write(res: dict, prefix: Path, json_too: bool = True) -> None:
     md_path.write_text(to_markdown(res) + "\n" + NOTES_MARKER + (notes or "\n"))
 
 
+NOISE_MODELS = {  # input shape, batch size of the bare forward pass and of the engine, engine samples
+    "digits-cnn": ((1, 8, 8), 512, 4096),
+    "cifar_resnet20": ((3, 32, 32), 256, 1024),
+    "resnet50": ((3, 224, 224), 64, 128),
+}
+
+
+def _clocked(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def _noise_vs_forward(name: str, shape: tuple[int, ...], batch: int, samples: int, rounds: int) -> dict:
+    """One model's row of :func:`noise_benchmark`."""
+    import concurrent.futures
+
+    import numpy as np
+    import torch
+
+    from approxtune.certification import NOISE_CHUNK, predict_under_noise
+    from approxtune.models import build_model
+    from approxtune.noise import Stream, input_seeds, normal_blocks
+
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    numel = int(np.prod(shape))
+    count = 64 * numel  # normals per 64-sample block
+    blocks = max(batch // 64, -(-NOISE_CHUNK // count))  # the blocks the engine draws in one call
+    x = torch.rand((batch, *shape))
+    xs = torch.rand((max(1, samples // 1000), *shape))
+    n = samples // len(xs)
+    passes = max(1, samples // batch)
+
+    def bare() -> None:
+        with torch.inference_mode():
+            for _ in range(passes):
+                model(x).argmax(1)
+
+    def draw(which: np.ndarray) -> None:
+        normal_blocks(input_seeds(0, which), Stream.ESTIMATION, which, count)
+
+    def torch_randn() -> None:
+        for b in range(blocks):  # the old generator: a seeded torch.Generator per block (as many blocks)
+            torch.randn(count, generator=torch.Generator().manual_seed(b), dtype=torch.float32)
+
+    def engine() -> None:
+        seeds = input_seeds(1, np.arange(len(xs)))
+        predict_under_noise(model, xs, seeds, Stream.ESTIMATION, 0, n, 0.25, batch_size=batch)
+
+    pair = np.arange(max(2, blocks))  # at least one block per thread
+    pool = concurrent.futures.ThreadPoolExecutor(2)  # started once, as a generating pool would be
+
+    def two_threads() -> None:
+        list(pool.map(draw, [pair[0::2], pair[1::2]]))
+
+    bare()  # warm-up
+    draw(np.arange(blocks))
+    runs = {
+        "bare": bare,
+        "noise": lambda: draw(np.arange(blocks)),
+        "one_thread_pair": lambda: draw(pair),
+        "two_threads": two_threads,
+        "torch_randn": torch_randn,
+        "engine": engine,
+    }
+    rows: dict[str, list] = {k: [] for k in runs}
+    two_threads()  # warm-up: the pool's threads and their generators
+    for rnd in range(rounds):
+        for key, fn in runs.items():
+            rows[key].append(_clocked(fn))
+        print(f"[noise] {name} round {rnd + 1}/{rounds}", file=sys.stderr, flush=True)
+    pool.shutdown()
+
+    def rate(key: str, units: float, clock: int) -> float:
+        return units / _median([r[clock] for r in rows[key]])
+
+    engine_samples, bare_samples = n * len(xs), passes * batch
+    return {
+        "shape": list(shape),
+        "numbers_per_sample": numel,
+        "batch": batch,
+        "bare_samples_per_cpu_s": rate("bare", bare_samples, 1),
+        "bare_samples_per_wall_s": rate("bare", bare_samples, 0),
+        "needed_normals_per_cpu_s": rate("bare", bare_samples * numel, 1),
+        "noise_normals_per_cpu_s": rate("noise", blocks * count, 1),
+        "torch_randn_normals_per_cpu_s": rate("torch_randn", blocks * count, 1),
+        "two_threads_over_one_wall": _median(
+            [one[0] / two[0] for one, two in zip(rows["one_thread_pair"], rows["two_threads"], strict=True)]
+        ),
+        "engine_samples_per_cpu_s": rate("engine", engine_samples, 1),
+        "engine_over_bare_cpu": _median(
+            [(engine_samples / e[1]) / (bare_samples / b[1]) for e, b in zip(rows["engine"], rows["bare"], strict=True)]
+        ),
+        "raw": rows,
+    }
+
+
+def noise_benchmark(rounds: int, threads: int) -> dict:
+    """Normals per second: needed by the bare forward pass, produced by the noise generator (see the module docstring).
+
+    Every quantity is a median over ``rounds`` interleaved repetitions (CPU time of the process, wall time for the
+    threads); the machine is shared, so only ratios measured side by side in one round are compared.
+    """
+    import numpy as np
+    import torch
+
+    from approxtune.cli import tune_malloc
+
+    tuned = tune_malloc()  # as every approxtune command does: glibc keeps freed buffers instead of unmapping them
+    torch.set_num_threads(threads)
+    machine = _machine()
+    models = {name: _noise_vs_forward(name, *spec, rounds) for name, spec in NOISE_MODELS.items()}
+    return {
+        "meta": {
+            "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": " ".join(["python", *sys.argv]),
+            "rounds": rounds,
+            "torch_threads": torch.get_num_threads(),
+            "tuned_malloc": tuned,
+            "machine": machine,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+        },
+        "models": models,
+    }
+
+
+def noise_markdown(res: dict) -> str:
+    m = res["meta"]
+    lines = [
+        f"Command: `{m['command']}`; {m['date']}; {m['machine']['cpu']}, {m['machine']['nproc']} CPUs, load "
+        f"{m['machine']['loadavg_start']}; torch {m['torch']} ({m['torch_threads']} thread), numpy {m['numpy']}; "
+        f"allocator tuned as by the CLI: {m['tuned_malloc']}; medians of {m['rounds']} interleaved rounds, CPU time.",
+        "",
+        "| model (numbers per sample) | bare forward, samples/s | normals/s needed | normals/s produced (one "
+        "thread) | noise share of a sample's CPU time | torch randn per block (old), normals/s | two threads / one "
+        "(wall) | engine / bare |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in res["models"].items():
+        need, made = r["needed_normals_per_cpu_s"], r["noise_normals_per_cpu_s"]
+        lines.append(
+            f"| {name} ({r['numbers_per_sample']:,}) | {r['bare_samples_per_cpu_s']:,.1f} | {need / 1e6:,.2f} M | "
+            f"{made / 1e6:,.1f} M | {need / (need + made):.1%} | {r['torch_randn_normals_per_cpu_s'] / 1e6:,.1f} M | "
+            f"{r['two_threads_over_one_wall']:.2f} | "
+            f"{r['engine_over_bare_cpu']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short run (about a minute)")
@@ -549,8 +712,16 @@ def main() -> None:
     ap.add_argument("--render", type=Path, help="only rewrite the markdown from a results .json (with --out)")
     ap.add_argument("--rounds", type=int, help="override the plan's number of rounds")
     ap.add_argument("--models", nargs="+", help="only these models (digits-cnn, cifar_resnet20)")
+    ap.add_argument("--noise", action="store_true", help="noise generation against the forward pass (see above)")
     args = ap.parse_args()
     settings = [None if t == "default" else int(t) for t in args.threads]
+    if args.noise:
+        res = noise_benchmark(args.rounds or 3, settings[0] or 1)
+        print(noise_markdown(res))
+        if args.out:
+            Path(f"{args.out}.json").write_text(json.dumps(res, indent=1) + "\n")
+            print(f"wrote {args.out}.json", file=sys.stderr)
+        return
     config = os.environ.get(WORKER_ENV)
     if config:
         _worker(config, settings[0])

@@ -212,7 +212,7 @@ def measure_study(args, loaded) -> dict:
     """Every run of one study, the scratch costs of (a)'s trials, the reference front and the predictor's quality."""
     study, model, inputs, cache, _ = loaded
     guided_study = dataclasses.replace(study, search=dataclasses.replace(study.search, sampler="guided"))
-    guide, _ = guided.build_guide(guided_study, model, inputs.x, cache, loaded.layers)
+    guide, _ = guided.build_guide(guided_study, model, inputs, cache, loaded.layers)
     fresh = input_seeds(10_000 + study.study.seed, inputs.index)  # never the search noise
     alpha_b = study.irs_settings.total_alpha(cache.meta.alpha)
     scratch: dict[str, dict] = {}

@@ -254,9 +254,9 @@ def stated_alpha(rule: str) -> float:
     return total
 
 
-def run_irs(model_p, x, cache, n_p, rule, batch_size):
+def run_irs(model_p, inputs, cache, n_p, rule, batch_size):
     settings = IRSSettings(n_p=n_p, **RULES[rule]["settings"])
-    res, wall, cpu = timed(lambda: certify_irs(model_p, x, cache, settings, batch_size=batch_size, device="cpu"))
+    res, wall, cpu = timed(lambda: certify_irs(model_p, inputs, cache, settings, batch_size=batch_size, device="cpu"))
     ev = res.evaluated
     certified = int(np.asarray(cache.certified).sum())
     budget = n_p * certified
@@ -349,7 +349,7 @@ def run_sigma(args, sigma: float) -> dict:
     x = inputs.x
     labels = inputs.y.numpy()
     fresh = input_seeds(pipeline.noise_seed(study, "search") + FRESH_SEED_OFFSET, inputs.index)
-    assert not np.intersect1d(fresh, cache.seed).size, "scratch noise must not be the cached noise"
+    assert np.all(fresh[:, 0] != cache.seed[:, 0]), "scratch noise must not be the cached noise (another run seed)"
     n_ps = sorted({max(1, round(f * args.n)) for f in args.fractions})
     for rule in RULES:  # fail before any timing: levels as stated, tail rules stay out of the tail, pilot < n_p
         stated_alpha(rule)
@@ -373,7 +373,7 @@ def run_sigma(args, sigma: float) -> dict:
                 if what == "scratch":
                     point["scratch"] = run_scratch(model_p, x, labels, fresh, sigma, args.n0, n_p, args.batch_size)
                 else:
-                    point[what] = run_irs(model_p, x, cache, n_p, what, args.batch_size)
+                    point[what] = run_irs(model_p, inputs, cache, n_p, what, args.batch_size)
             points.append(point)
             s = point["scratch"]
             log(

@@ -65,7 +65,7 @@ def main() -> None:
     f_hit = f_preds == c_hat
     trials = []
     for trial, config in distinct_trials(optuna_study):
-        preds = replay(apply_approximation(model, config), inputs.x, cache, rows, n_p)
+        preds = replay(apply_approximation(model, config), inputs, cache, rows, n_p)
         p_hit = preds == c_hat
         dis = (preds != f_preds).sum(axis=1)
         losses, gains = (f_hit & ~p_hit).sum(axis=1), (~f_hit & p_hit).sum(axis=1)

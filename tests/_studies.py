@@ -1,6 +1,5 @@
 """The tiny digits study that end-to-end tests run in seconds."""
 
-import pytest
 import torch
 
 from approxtune import pipeline
@@ -29,15 +28,14 @@ trials = 9
 """
 
 
-def load_tiny(root, name: str, text: str):
-    """``(study, model, search inputs, search cache)`` of the study ``text`` written to ``root/<name>.toml``, with
-    its model trained and g certified (relative paths under ``root``)."""
-    path = root / f"{name}.toml"
+def prepared(root, text: str, monkeypatch):
+    """Write the study ``text`` under ``root``, train its model and certify its search inputs there; returns
+    ``(study, model, search inputs, search cache, base accuracy)``."""
+    path = root / "study.toml"
     path.write_text(text)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        study = load_study(path)
-        model = pipeline.ensure_model(study)
-        inputs = pipeline.load_inputs(study, "search")
-        cache, _ = pipeline.ensure_cache(study, model, inputs, "search", device=torch.device("cpu"))
-    return study, model, inputs, cache
+    monkeypatch.chdir(root)
+    study = load_study(path)
+    model = pipeline.ensure_model(study)
+    inputs = pipeline.load_inputs(study, "search")
+    cache, base_accuracy = pipeline.ensure_cache(study, model, inputs, "search", device=torch.device("cpu"))
+    return study, model, inputs, cache, base_accuracy

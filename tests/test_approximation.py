@@ -462,3 +462,32 @@ def test_other_bad_inputs():
         decompress_layer({"values": np.zeros(4, dtype=np.int8)}, (2, 2))
     with pytest.raises(ApproximationError, match="dtype float64"):
         decompress_layer({"values": np.zeros(4)}, (2, 2))
+
+
+def conv_family(seed: int = 0) -> nn.Module:
+    """Conv1d, Conv2d and Conv3d layers side by side (every type a user's model may compress)."""
+    torch.manual_seed(seed)
+    return nn.ModuleDict(
+        {"c1": nn.Conv1d(2, 3, 5), "c2": nn.Conv2d(2, 3, 3), "c3": nn.Conv3d(2, 4, 2), "fc": nn.Linear(6, 2)}
+    )
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_conv1d_and_conv3d_quantize_per_output_channel(precision):
+    model = conv_family()
+    assert compressible_layers(model) == ["c1", "c2", "c3", "fc"]
+    config = ApproximationConfig(dict.fromkeys(["c1", "c3"], LayerChoice(precision)))
+    approx = apply_approximation(model, config)
+    qmax = {"int8": 127, "int4": 7}[precision]
+    for name in ("c1", "c3"):
+        w, q = model[name].weight.detach(), approx[name].weight.detach()
+        step = w.abs().flatten(1).amax(dim=1) / qmax  # one scale per output channel (dim 0)
+        assert not torch.equal(w, q), "the layer really changed"
+        assert torch.all((q - w).abs().flatten(1) <= step[:, None] / 2 + 1e-7)
+        assert len(compress_model(model, config)[name]["scale"]) == w.shape[0]
+    assert torch.equal(approx["c2"].weight, model["c2"].weight), "layers outside the config are untouched"
+    c1, c3 = model["c1"].weight.numel(), model["c3"].weight.numel()
+    per_value = 1 if precision == "int8" else 0.5
+    expected = math.ceil(c1 * per_value) + 4 * 3 + math.ceil(c3 * per_value) + 4 * 4
+    others = fp32_size_bytes(model) - 4 * (c1 + c3)
+    assert model_size_bytes(model, config) == expected + others

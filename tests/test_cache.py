@@ -20,7 +20,7 @@ from approxtune import cache as cache_mod
 from approxtune.cache import CacheError, CertifySettings, build_base_cache, load_cache, model_fingerprint
 from approxtune.certification import certify
 from approxtune.data import Inputs
-from approxtune.noise import input_seeds
+from approxtune.noise import NOISE_GENERATOR, canary, input_seeds
 
 SETTINGS = CertifySettings(sigma=0.5, n0=16, n=300, alpha=0.001, seed=3)
 
@@ -55,7 +55,9 @@ def test_cache_contents_match_certify(tmp_path):
     assert np.array_equal(cache.label, inputs.y.numpy()) and np.array_equal(cache.index, inputs.index)
     assert cache.predictions.dtype == np.uint8 and cache.meta.num_classes == 3
     meta = json.loads((tmp_path / "c" / "meta.json").read_text())
-    assert meta["format_version"] == 1 and meta["model_fingerprint"] == model_fingerprint(model)
+    assert meta["format_version"] == 2 and meta["model_fingerprint"] == model_fingerprint(model)
+    assert (meta["noise_generator"], meta["noise_canary"]) == (NOISE_GENERATOR, canary())
+    assert cache.seed.dtype == np.uint64 and cache.seed.shape == (10, 2)
     assert isinstance(load_cache(tmp_path / "c").predictions, np.memmap)
     assert not (tmp_path / "c.partial").exists()
     assert np.array_equal(cache.certified_radius, np.where(cache.c_hat == cache.label, cache.radius, 0))
@@ -279,3 +281,97 @@ def test_parse_shard(text, expected):
 def test_parse_shard_errors(text):
     with pytest.raises(ValueError, match="--shard"):
         cache_mod.parse_shard(text)
+
+
+# Cache format 2: the noise generator and its canary; older caches and parts are refused with what to do
+
+
+def _as_format_1(meta_file: Path) -> None:
+    """Rewrite a meta.json as approxtune wrote it before format 2 (torch's noise, no noise fields)."""
+    data = json.loads(meta_file.read_text())
+    for key in ("noise_generator", "noise_canary"):
+        data.pop(key)
+    meta_file.write_text(json.dumps({**data, "format_version": 1}))
+
+
+def test_an_old_format_cache_is_refused_with_a_request_to_certify_again(tmp_path):
+    build_base_cache(make_model(), make_inputs(), tmp_path / "c", SETTINGS)
+    _as_format_1(tmp_path / "c" / "meta.json")
+    expected = (
+        rf"the base cache {tmp_path / 'c'} has cache format 1, this approxtune reads format 2 \(its noise came from "
+        r"torch's generator .*\): certify again \(approxtune certify STUDY\.toml\)"
+    )
+    with pytest.raises(CacheError, match=expected) as refused:
+        load_cache(tmp_path / "c")
+    assert not isinstance(refused.value, cache_mod.NoiseMismatchError), "an old cache may be rebuilt"
+
+
+def test_a_cache_whose_noise_this_installation_cannot_reproduce_is_refused(tmp_path, monkeypatch):
+    cache = build_base_cache(make_model(), make_inputs(), tmp_path / "c", SETTINGS)
+    assert cache.meta.noise_canary == canary()
+    meta_file = tmp_path / "c" / "meta.json"
+    data = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**data, "noise_canary": "0" * 64}))  # as if certified where numpy drew otherwise
+    with pytest.raises(cache_mod.NoiseMismatchError, match=r"cannot reproduce \(its canary 0{16}, here .*remove it"):
+        load_cache(tmp_path / "c")
+    meta_file.write_text(json.dumps(data))
+    load_cache(tmp_path / "c")
+    # ... and where this installation's numpy draws other noise than the one that certified.
+    monkeypatch.setattr(cache_mod, "canary", lambda: "f" * 64)
+    with pytest.raises(cache_mod.NoiseMismatchError, match=r"its canary .* here f{16} with the same generator"):
+        load_cache(tmp_path / "c")
+    monkeypatch.setattr(cache_mod, "NOISE_GENERATOR", "another generator")
+    with pytest.raises(cache_mod.NoiseMismatchError, match="with 'another generator' and numpy"):
+        load_cache(tmp_path / "c")
+
+
+def test_parts_of_an_old_format_are_refused_by_shards_and_merges_and_discarded_by_a_build(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_mod, "CHUNK_SAMPLES", 3 * 316)
+    model, inputs = make_model(), make_inputs(10)
+    build_base_cache(model, inputs, tmp_path / "ref", SETTINGS)
+    partial = tmp_path / "c.partial"
+    cache_mod.certify_shard(model, inputs, tmp_path / "c", (0, 2), SETTINGS)
+    _as_format_1(partial / "meta.json")
+    fix = rf"has cache format 1, this approxtune reads format 2 .*: remove {partial} and run the shards again"
+    with pytest.raises(CacheError, match=rf"the parts in {partial} {fix}"):
+        cache_mod.certify_shard(model, inputs, tmp_path / "c", (1, 2), SETTINGS)
+    with pytest.raises(CacheError, match=rf"the parts in {partial} {fix}"):
+        cache_mod.merge_base_cache(model, inputs, tmp_path / "c", SETTINGS)
+    assert len(list(partial.glob("chunk-*.npz"))) == 2, "a refusing shard deletes nothing"
+    # A chunk of the old format inside an otherwise current directory.
+    (partial / "meta.json").unlink()
+    cache_mod.certify_shard(model, inputs, tmp_path / "c", (1, 2), SETTINGS)
+    chunk = partial / "chunk-000000000-000000003.npz"
+    with np.load(chunk) as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta = {k: v for k, v in meta.items() if not k.startswith("noise_")} | {"format_version": 1}
+    np.savez(chunk, **{**arrays, "meta": np.array(json.dumps(meta))})
+    with pytest.raises(CacheError, match=rf"part {chunk.name} {fix}"):
+        cache_mod.merge_base_cache(model, inputs, tmp_path / "c", SETTINGS)
+    # A one-process build certifies such parts again, to the same bytes.
+    _as_format_1(partial / "meta.json")
+    build_base_cache(model, inputs, tmp_path / "c", SETTINGS)
+    assert dir_bytes(tmp_path / "c") == dir_bytes(tmp_path / "ref")
+
+
+def test_a_malformed_seed_array_is_refused(tmp_path):
+    build_base_cache(make_model(), make_inputs(), tmp_path / "c", SETTINGS)
+    np.save(tmp_path / "c" / "seed.npy", np.zeros(10, dtype=np.int64))
+    with pytest.raises(CacheError, match=r"seed has shape \(10,\), not \(10, 2\)"):
+        load_cache(tmp_path / "c")
+
+
+def test_irs_inputs_must_be_the_cache_inputs_in_cache_order(tmp_path):
+    cache = build_base_cache(make_model(), make_inputs(), tmp_path / "c", SETTINGS)
+    inputs = make_inputs()
+    cache.check_inputs(inputs)
+    order = np.array([1, 0, *range(2, 10)])
+    swapped = Inputs(inputs.x[order], inputs.y[order], inputs.index[order])
+    with pytest.raises(CacheError, match=r"not the ones this cache certified .*in the cache's order"):
+        cache.check_inputs(swapped)
+    with pytest.raises(CacheError, match="3 inputs given for a cache of 10 inputs"):
+        cache.check_inputs(inputs.head(3))
+    shifted = Inputs(inputs.x, inputs.y, inputs.index + 1)  # same images, other dataset indices: other noise seeds
+    with pytest.raises(CacheError, match="fingerprint differs"):
+        cache.check_inputs(shifted)

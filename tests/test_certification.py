@@ -27,7 +27,7 @@ def reference_predictions(model, x, seeds, stream, start, stop, sigma):
     rows = []
     with torch.no_grad():
         for xi, s in zip(x, seeds, strict=True):
-            noise = sample_noise(int(s), stream, start, stop, tuple(x.shape[1:]), sigma)
+            noise = sample_noise(s, stream, start, stop, tuple(x.shape[1:]), sigma)
             rows.append(model(noise + xi).argmax(1).numpy())
     return np.stack(rows)
 
@@ -97,3 +97,26 @@ def test_certify_refuses_alpha_outside_the_open_half_interval(setup, alpha):
     model, x, seeds = setup
     with pytest.raises(ValueError, match="alpha"):
         certify(model, x, seeds, 0.5, 10, 100, alpha)
+
+
+def test_any_function_from_a_batch_to_logits_can_be_certified(setup):
+    """A deployable (an ONNX Runtime session, a loaded ExportedProgram) is a plain function: no .eval(), no
+    parameters to read the device from; it gets the same noise and gives what the module it computes gives."""
+    model, x, seeds = setup
+    model.train()  # the module itself is put in eval mode; a function is called as it is
+    calls = []
+
+    def function(batch):
+        calls.append(batch.device)
+        with torch.no_grad():
+            return model[1](batch.flatten(1)).numpy()  # an array-returning runtime, wrapped below
+
+    def wrapped(batch):
+        return torch.from_numpy(function(batch))
+
+    got = predict_under_noise(wrapped, x, seeds, Stream.ESTIMATION, 0, 120, 0.7, batch_size=50, device="cpu")
+    assert np.array_equal(got, predict_under_noise(model, x, seeds, Stream.ESTIMATION, 0, 120, 0.7, batch_size=50))
+    assert not model.training and set(calls) == {torch.device("cpu")}
+    assert np.array_equal(predict_under_noise(wrapped, x, seeds, Stream.ESTIMATION, 0, 120, 0.7), got), "default cpu"
+    result = certify(wrapped, x, seeds, 0.7, 16, 100, 0.01)
+    assert np.array_equal(result.c_hat, certify(model, x, seeds, 0.7, 16, 100, 0.01).c_hat)

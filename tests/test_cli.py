@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -61,7 +62,8 @@ def test_front_json_is_the_pareto_front_of_the_trials(tuned, capsys):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         assert main(["front", str(study_file), "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)["front"]
+    document = json.loads(capsys.readouterr().out)
+    rows = document["front"]
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{root / 'runs/tiny/study.db'}")
     values = [t.values for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
 
@@ -73,6 +75,46 @@ def test_front_json_is_the_pareto_front_of_the_trials(tuned, capsys):
 
     assert {r["trial"] for r in rows} == {i for i, t in enumerate(study.trials) if t.values and not dominated(t.values)}
     assert [r["acr"] for r in rows] == sorted((r["acr"] for r in rows), reverse=True)
+    assert all(r["confidence"] == pytest.approx(0.998) for r in rows)
+    assert document["base"]["reference"] == "base model g" and document["base"]["confidence"] == pytest.approx(0.999)
+
+
+def test_front_shows_g_first_and_draws_the_curves(tuned, capsys):
+    root, study_file = tuned
+    out = root / "runs" / "tiny"
+    (out / "front.html").unlink()
+    capsys.readouterr()
+    assert main_in(root, ["front", str(study_file), "--curves"]) == 0
+    stdout = capsys.readouterr().out
+    lines = stdout.splitlines()
+    table = lines[: next(i for i, line in enumerate(lines) if line.startswith("Plot:"))]
+    assert all(len(line) <= 80 for line in table), "the table fits 80 columns (the commands after it do not wrap)"
+    first = next(line for line in lines if line.startswith("│"))
+    assert first.split("│")[1].strip() == "g" and "base model, reference" in first
+    assert "conf." in stdout and "0.998" in stdout and "layers, in order: conv1 conv2 fc1 fc2" in " ".join(lines)
+    assert (out / "front.html").stat().st_size > 1_000_000 and (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"Certified accuracy curves: {Path('runs/tiny/curves.png')}" in stdout
+    assert "--artifact-dir runs/tiny/artifacts" in " ".join(stdout.split())
+
+    assert main_in(root, ["front", str(study_file), "--trials", "0,3", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'study.db'}")
+    assert document["curves"] == str(Path("runs/tiny/curves.png"))
+    assert document["base"]["acr"] == study.user_attrs["base_acr"] and document["base"]["size_ratio"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("trials", "message"),
+    [("0,x", "--trials takes trial numbers separated by commas"), ("0,999", "study 'tiny' has no trial 999")],
+)
+def test_front_curves_refuse_bad_trials_before_writing(tuned, capsys, trials, message):
+    root, study_file = tuned
+    curves = root / "runs" / "tiny" / "curves.png"
+    curves.unlink(missing_ok=True)
+    capsys.readouterr()
+    assert main_in(root, ["front", str(study_file), "--trials", trials]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not curves.exists()
 
 
 def test_resume_adds_only_the_missing_trials_and_refuses_other_settings(tuned, capsys):
@@ -81,10 +123,12 @@ def test_resume_adds_only_the_missing_trials_and_refuses_other_settings(tuned, c
     more.write_text(TINY.replace("trials = 9", "trials = 11"))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
+        capsys.readouterr()
         assert main(["tune", str(more)]) == 0  # same study name, same output dir: resumes
         study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{root / 'runs/tiny/study.db'}")
         assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 11
-        capsys.readouterr()
+        err = capsys.readouterr().err
+        assert "Reusing the base cache" in err and "certify g on" not in err, "no certification bar for a reused cache"
         other = root / "other.toml"
         other.write_text(TINY.replace("n_p = 100", "n_p = 80"))
         assert main(["tune", str(other)]) == 2
@@ -113,6 +157,11 @@ def test_dashboard_serves_the_study(tuned):
     assert detail["objective_names"] == ["ACR", "accuracy", "size_bytes"]
     assert all({"feasible", "accuracy_drop"} <= a for a in attrs), "constraints are visible as user attrs"
     assert all({"size_ratio", "mean_zeta", "config"} <= a for a in attrs)
+    assert all({"layer conv1", "layer conv2", "layer fc1", "layer fc2"} <= a for a in attrs), "one per layer"
+    for trial in detail["trials"]:  # every finished trial has its note: a per-layer table and its certificate
+        body = trial["note"]["body"]
+        assert body.startswith(f"### Trial {trial['number']}") and "| `conv1` |" in body and "| `fc2` |" in body
+        assert "each radius holds with probability ≥ 0.998" in body or "stopped by racing" in body
 
 
 @pytest.mark.parametrize(
@@ -174,7 +223,7 @@ def test_ctrl_c_finishes_the_running_trial_and_prints_the_front(tmp_path):
     _wait_for_trials(proc, 2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 130, err  # stopped, not finished: scripts can tell
     assert "Stopping after the current trial" in err and "Traceback" not in err
     assert "Pareto front" in out
     db = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs/tiny/study.db'}")
@@ -194,6 +243,43 @@ def test_killed_tune_continues_when_run_again(tmp_path):
     assert main_in(tmp_path, ["tune", str(study)]) == 0
     db = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs/tiny/study.db'}")
     assert len(db.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 9
+
+
+@pytest.mark.slow
+def test_a_trial_killed_with_its_worker_is_failed_and_run_again_at_once(tmp_path):
+    """SIGKILL mid-trial, then an immediate rerun (well inside the 90 s heartbeat grace): the dead trial's worker was
+    this host and is gone, so it is failed and its copy runs; the study ends with every baseline and no trial left
+    RUNNING or WAITING."""
+    study = tmp_path / "slow.toml"
+    slow = (
+        TINY.replace("n = 200", "n = 2000")
+        .replace("n_p = 100", "n_p = 800")
+        .replace("search_inputs = 30", "search_inputs = 60")
+    )
+    study.write_text(slow.replace('name = "tiny"', 'name = "slow"').replace("runs/tiny", "runs/slow"))
+    proc = _start_tune(tmp_path, study)
+    _wait_for_trials(proc, 2)
+    proc.kill()
+    proc.communicate()
+    db_url = f"sqlite:///{tmp_path / 'runs/slow/study.db'}"
+    running = [
+        t.number for t in optuna.load_study(study_name="slow", storage=db_url).trials if t.state.name == "RUNNING"
+    ]
+    assert len(running) == 1, "the kill landed mid-trial"
+    completed = subprocess.run(
+        [sys.executable, "-m", "approxtune.cli", "tune", str(study)], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert f"Trial(s) {running[0]} died with their worker on this host" in completed.stderr
+    trials = optuna.load_study(study_name="slow", storage=db_url).trials
+    by_state = {state: [t for t in trials if t.state.name == state] for state in ("COMPLETE", "PRUNED", "FAIL")}
+    assert [t.number for t in by_state["FAIL"]] == running
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    assert len(by_state["COMPLETE"]) + len(by_state["PRUNED"]) == 9
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == running[0]]
+    assert len(retries) == 1 and retries[0].state.name in ("COMPLETE", "PRUNED")
+    baselines = {t.user_attrs.get("baseline") for t in by_state["COMPLETE"] + by_state["PRUNED"]} - {None}
+    assert baselines == {"fp32", "fp16", "bf16", "int8", "prune5", "prune10", "prune20"}
 
 
 def main_in(directory, argv):
@@ -249,3 +335,78 @@ def test_a_cache_under_the_old_name_is_renamed_not_recomputed_and_other_settings
     third.write_text(TINY.replace("seed = 1", "seed = 2"))
     assert main_in(tmp_path, ["certify", str(third)]) == 0
     assert "Renamed" not in capsys.readouterr().err and legacy.is_dir()
+
+
+def test_version_module_entry_and_plain_help():
+    from importlib.metadata import version
+
+    done = subprocess.run([sys.executable, "-m", "approxtune", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == f"approxtune {version('approxtune')}"
+    for args in (["--help"], *([command, "--help"] for command in ("train", "certify", "tune", "front", "export"))):
+        done = subprocess.run([sys.executable, "-m", "approxtune", *args], capture_output=True, text=True)
+        assert done.returncode == 0 and "usage: approxtune" in done.stdout
+        assert "``" not in done.stdout and "`" not in done.stdout, "help texts are plain text"
+        assert "-q, --quiet" in done.stdout and "-v, --verbose" in done.stdout
+
+
+def test_quiet_shows_results_only_and_verbose_lets_optunas_log_through(tuned, capfd):
+    root, study = tuned
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        capfd.readouterr()
+        assert main(["-q", "tune", str(study)]) == 0
+        quiet = capfd.readouterr()
+        assert quiet.err == "" and "Pareto front" in quiet.out
+        assert main(["tune", "--quiet", str(study)]) == 0 and capfd.readouterr().err == ""
+        trials = len(optuna.load_study(study_name="tiny", storage=f"sqlite:///{root / 'runs/tiny/study.db'}").trials)
+        more = root / "more-verbose.toml"
+        for flag, trial in ((["-v"], trials), ([], trials + 1)):  # a subprocess: Optuna's handler keeps its stream
+            more.write_text(TINY.replace("trials = 9", f"trials = {trial + 1}"))
+            command = [sys.executable, "-m", "approxtune", "tune", *flag, str(more)]
+            done = subprocess.run(command, cwd=root, capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+            logged = f"Trial {trial} finished with values" in done.stderr
+            assert logged == bool(flag), "Optuna's INFO log line of the new trial, with -v only"
+
+
+def test_certify_rebuilds_a_format_1_cache_and_refuses_one_whose_noise_it_cannot_reproduce(tuned, tmp_path, capsys):
+    root, _ = tuned
+    study_file = tmp_path / "tiny.toml"
+    study_file.write_text(TINY)
+    study = load_study(study_file)
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    shutil.copy(root / "runs/tiny/model.pt", tmp_path / "runs/tiny/model.pt")
+    cache = tmp_path / study.cache_path("search")
+    shutil.copytree(root / study.cache_path("search"), cache)
+    good = {p.name: p.read_bytes() for p in cache.iterdir()}
+    meta = json.loads(good["meta.json"])
+
+    # Another installation's noise (its canary is not this one's): refused in one line, the cache left as it is.
+    (cache / "meta.json").write_text(json.dumps({**meta, "noise_canary": "0" * 64}))
+    capsys.readouterr()
+    assert main_in(tmp_path, ["certify", str(study_file)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"error: the base cache {study.cache_path('search')} was certified with noise that this" in err
+    assert "cannot reproduce" in err and "remove it and certify again" in err and "Traceback" not in err
+    assert json.loads((cache / "meta.json").read_text())["noise_canary"] == "0" * 64
+
+    # A cache of format 1 is certified again, saying why; the result is the cache this approxtune writes.
+    old = {k: v for k, v in meta.items() if not k.startswith("noise_")} | {"format_version": 1}
+    (cache / "meta.json").write_text(json.dumps(old))
+    assert main_in(tmp_path, ["certify", str(study_file)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "has cache format 1, this approxtune reads format 2 (its noise came from torch's generator" in err
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == good
+
+
+def test_front_and_help_do_not_import_torch(tuned):
+    """`approxtune front` starts without torch (seconds to import), numpy's scipy.stats or the export's onnx."""
+    root, study = tuned
+    code = (
+        "import sys; from approxtune.cli import main; code = main(['-q', 'front', sys.argv[1]]);"
+        "heavy = [m for m in ('torch', 'onnx', 'onnxruntime', 'scipy.stats', 'optuna_dashboard') if m in sys.modules];"
+        "print(code, heavy)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(study)], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "0 []"

@@ -112,6 +112,20 @@ def test_digits_variants_differ_only_in_sigma():
         ("[search]\nrace = [0.5, 0.25]", "search.race must list increasing fractions"),
         ("[search]\nrace = [1.0]", "search.race must list increasing fractions"),
         ("[search]\nguide_samples = 0", "search.guide_samples must be at least 1"),
+        ("[certify]\nsigma = inf", r"certify.sigma must be a finite number, got inf"),
+        ("[irs]\ngamma = nan", r"irs.gamma must be a finite number, got nan"),
+        ("[study]\nseed = -1", r"study.seed must lie in \[0, 2\*\*32 - 1\]"),
+        ("[study]\nseed = 4294967296", r"study.seed must lie in \[0, 2\*\*32 - 1\]"),
+        ("[data]\nsplit_seed = -1", "data.split_seed must be non-negative"),
+        ("[model]\narch = 'digits-cnn'\ntorchvision = 'resnet18'", "name the model one way only"),
+        ("[model]\nfactory = 'mymodels.make'", "model.factory = 'mymodels.make' must be 'package.module:callable'"),
+        ("[model.kwargs]\nwidth = 3", r"\[model.kwargs\] are the factory's arguments: set model.factory too"),
+        ("[model]\nnum_classes = 10", "model.num_classes apply to torchvision models only"),
+        ("[model]\ntorchvision = 'resnet18'\nmean = [0.5]\nstd = [0.2, 0.2]", "need one value per channel"),
+        ("[model]\ntorchvision = 'resnet18'\nmean = [0.5]\nstd = [0.0]", "need one value per channel, std > 0"),
+        ("[model]\nkwargs = 3", "model.kwargs must be a table of named values"),
+        ("[data]\nloader = 'mydata:load'", 'data.loader and \\[data.kwargs\\] need data.dataset = "python"'),
+        ("[data]\ndataset = 'python'\nloader = 'mydata'", "data.loader = 'mydata' must be 'package.module:callable'"),
     ],
 )
 def test_bad_input(tmp_path, text, message):
@@ -123,3 +137,32 @@ def test_bad_input(tmp_path, text, message):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_study(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="is a directory; give a study file"):
+        load_study(tmp_path)
+
+
+def test_user_model_and_data_keys(tmp_path):
+    text = (
+        "[model]\nfactory = 'mymodels:make'\n[model.kwargs]\nwidth = 3\nname = 'x'\n"
+        "[data]\ndataset = 'python'\nloader = 'mydata:load'\n[data.kwargs]\nrows = 10"
+    )
+    study = load_study(write(tmp_path, text))
+    assert (study.model.kind, study.model.kwargs, study.data.kwargs) == (
+        "factory",
+        {"width": 3, "name": "x"},
+        {"rows": 10},
+    )
+    assert load_study(write(tmp_path, "")).model.builtin_arch == "digits-cnn"
+    other = load_study(write(tmp_path, text.replace("rows = 10", "rows = 11")))
+    assert other.cache_path("search") != study.cache_path("search"), "the loader's arguments are part of the cache key"
+
+
+def test_keywords_cover_every_key_once():
+    from approxtune.config import SECTIONS, keyword_table
+
+    table = keyword_table()
+    assert table["sigma"] == ("certify", "sigma") and table["max_size_ratio"] == ("search", "max_size_ratio")
+    assert "batch_size" not in table and table["train_batch_size"] == ("train", "batch_size")
+    assert table["certify_batch_size"] == ("certify", "batch_size") and table["model_kwargs"] == ("model", "kwargs")
+    every = {(section, f) for section, cls in SECTIONS.items() for f in cls.__dataclass_fields__ if f != "constraints"}
+    assert every <= set(table.values())

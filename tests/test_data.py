@@ -324,7 +324,55 @@ def test_malicious_pt_tensor_file_is_refused(tmp_path: Path) -> None:
         tmp_path / "m.pt",
     )
     with pytest.raises(
-        DataError, match=r"refusing to load .*m\.pt: it holds more than tensors \(it refers to posix\.system"
+        DataError, match=r"refusing to load .*m\.pt: unsafe: it holds more than tensors \(it refers to posix\.system"
     ):
         tensor_file_inputs(tmp_path / "m.pt")
     assert not marker.exists()
+
+
+# --- a user's own data -------------------------------------------------------------------------------------------
+
+
+def test_user_data_from_arrays_tensors_or_a_dataset_reads_only_what_is_selected():
+    from approxtune.data import UserData
+
+    x = np.arange(24, dtype=np.float64).reshape(6, 2, 2) - 5  # any shape, any range: kept as it is, as float32
+    y = np.array([0, 1, 2, 0, 1, 2])
+    arrays = UserData((x, y)).read([4, 1])
+    assert arrays.x.dtype == torch.float32 and arrays.x.shape == (2, 2, 2) and arrays.x[0, 0, 0] == 11
+    assert arrays.y.tolist() == [1, 1] and arrays.index.tolist() == [4, 1]
+
+    class Counting(torch.utils.data.Dataset):
+        def __init__(self):
+            self.read = []
+
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            self.read.append(i)
+            return torch.from_numpy(x[i]), int(y[i])
+
+    dataset = Counting()
+    from_dataset = UserData(dataset).read([4, 1])
+    assert dataset.read == [4, 1] and torch.equal(from_dataset.x, arrays.x) and torch.equal(from_dataset.y, arrays.y)
+    assert from_dataset.fingerprint() == arrays.fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ((np.zeros((3, 2)), np.zeros(4, int)), "x has 3 inputs but y has 4 labels"),
+        ((np.zeros(3), np.zeros(3, int)), r"has shape \(3,\); give a batch \(N, \*shape\)"),
+        ((np.zeros((3, 2)), np.array([0, -1, 1])), r"class indices 0, 1, ...; found -1"),
+        ((np.zeros((3, 2)), np.array([[0], [1], [1]])), r"labels y have shape \(3, 1\)"),
+        ((np.array([[0.0, np.inf], [0, 0], [0, 0]]), np.zeros(3, int)), r"NaN or infinite values \(rows \[0\]\)"),
+        ((np.array([["a", "b"]]), np.zeros(1, int)), "holds <U1 values; give numbers"),
+        (42, "the data is a int; give \\(x, y\\) tensors or arrays"),
+    ],
+)
+def test_user_data_problems_are_named(data, message):
+    from approxtune.data import UserData
+
+    with pytest.raises(DataError, match=message):
+        UserData(data).read(range(len(data[0])) if isinstance(data, tuple) else [0])

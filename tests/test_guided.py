@@ -8,7 +8,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from _studies import load_tiny, tiny_study
+from _studies import prepared, tiny_study
 from torch import nn
 
 from approxtune import guided, search
@@ -24,11 +24,10 @@ from approxtune.hypervolume import study_hypervolume
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("guided")
     text = tiny_study("guided", seed=4).replace("[search]\n", "[search]\nsampler = 'guided'\n")
-    study, model, inputs, cache = load_tiny(root, "guided", text)
-    layers = search.searched_layers(study, model)
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        guide, measured = guided.build_guide(study, model, inputs.x, cache, layers)
+        study, model, inputs, cache, _ = prepared(root, text, mp)
+        layers = search.searched_layers(study, model)
+        guide, measured = guided.build_guide(study, model, inputs, cache, layers)
     assert measured
     return study, model, inputs, cache, layers, guide
 
@@ -146,7 +145,7 @@ def test_a_users_model(tmp_path):
     cache = build_base_cache(model, inputs, tmp_path / "user.cache", CertifySettings(0.25, 16, 200, 0.001, seed=3))
     layers = search.searched_layers(study, model)
     assert layers == ["stem", "mix", "head"]
-    guide, _ = guided.build_guide(study, model, inputs.x, cache, layers)
+    guide, _ = guided.build_guide(study, model, inputs, cache, layers)
     assert len(guide.sensitivity.lost) == 3 * 9
     for key in _random_keys(guide, 10, seed=1):
         assert guide.size(key) == model_size_bytes(model, guide.config(key))

@@ -23,9 +23,12 @@ from approxtune.models import (
     CIFAR10_SD,
     CheckpointError,
     DigitsCNN,
+    ModelError,
     NormalizeLayer,
+    build_architecture,
     build_model,
     load_checkpoint,
+    load_weights,
     save_checkpoint,
 )
 
@@ -278,3 +281,50 @@ def test_save_checkpoint_round_trip(tmp_path: Path) -> None:
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(load_checkpoint(path)(x), model(x))
+
+
+# --- architectures a user names: a factory, a torchvision name, a model object's class -----------------------------
+
+
+def test_build_architecture_of_every_kind(tmp_path):
+    (tmp_path / "models_probe_factory.py").write_text(
+        "from torch import nn\n\ndef make(width=3):\n    return nn.Linear(4, width)\n"
+    )
+    factory = build_architecture(
+        {"kind": "factory", "factory": "models_probe_factory:make", "kwargs": {"width": 5}, "folder": str(tmp_path)}
+    )
+    assert isinstance(factory, nn.Linear) and factory.out_features == 5
+    vision = build_architecture(
+        {"kind": "torchvision", "name": "resnet18", "num_classes": 7, "mean": [0.5] * 3, "std": [0.2] * 3}
+    )
+    assert isinstance(vision[0], NormalizeLayer) and vision[1].fc.out_features == 7
+    assert isinstance(build_architecture({"kind": "builtin", "arch": "digits-cnn"}), DigitsCNN)
+    assert isinstance(build_architecture({"kind": "module", "class": "torch.nn:Identity"}), nn.Identity)
+
+
+def test_build_architecture_says_what_cannot_be_rebuilt():
+    with pytest.raises(
+        ModelError, match=r"the model's class torch.nn:Linear raised TypeError: .*pass the architecture"
+    ):
+        build_architecture({"kind": "module", "class": "torch.nn:Linear"})
+    with pytest.raises(ModelError, match=r"no module named 'gone_module_x'.*load_model\(DIR, model=YourNet"):
+        build_architecture({"kind": "module", "class": "gone_module_x:Net"})
+    with pytest.raises(ModelError, match="'resnet81' is not a torchvision classification architecture; did you mean"):
+        build_architecture({"kind": "torchvision", "name": "resnet81", "num_classes": 0, "mean": [], "std": []})
+    with pytest.raises(ModelError, match="unknown architecture kind 'keras'"):
+        build_architecture({"kind": "keras"})
+
+
+def test_load_weights_into_any_module(tmp_path):
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "w.pt")
+    target = load_weights(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), tmp_path / "w.pt", "mine")
+    assert all(
+        torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values(), strict=True)
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"does not fit architecture 'mine': wrong shapes: 3 \(0.weight \(3, 4\) instead of \(5, 4\), 0.bias",
+    ):
+        load_weights(nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)), tmp_path / "w.pt", "mine")

@@ -117,7 +117,7 @@ def test_too_few_images_names_the_counts_and_the_keys(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         pipeline.load_inputs(load_study(path), "search")
     assert str(err.value) == (
-        f"the CIFAR-10 test split in {tmp_path / 'data' / 'cifar-10-batches-py'} has 10 images, but "
+        f"the CIFAR-10 test split in {tmp_path / 'data' / 'cifar-10-batches-py'} has 10 inputs, but "
         f"data.report_inputs = 5 and data.search_inputs = 7 need 12 distinct ones; lower data.report_inputs or "
         f"data.search_inputs in {path}"
     )

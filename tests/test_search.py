@@ -2,14 +2,15 @@
 
 import dataclasses
 
+import numpy as np
 import optuna
 import pytest
 import torch
-from _studies import tiny_study
+from _mutants import mutant
+from _studies import prepared, tiny_study
 
-from approxtune import pipeline, search
+from approxtune import search, statistics, trials
 from approxtune.approximation import apply_approximation
-from approxtune.config import load_study
 from approxtune.irs import IRSRun
 
 TRIALS = 14
@@ -18,16 +19,9 @@ TRIALS = 14
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny digits study whose IRS mode takes the zeta branch everywhere (gamma = 1), so racing bounds are tight."""
-    root = tmp_path_factory.mktemp("search")
-    path = root / "race.toml"
-    path.write_text(tiny_study("race", seed=3).replace("[irs]\n", "[irs]\nmode = 'gamma'\ngamma = 1.0\n"))
+    text = tiny_study("race", seed=3).replace("[irs]\n", "[irs]\nmode = 'gamma'\ngamma = 1.0\n")
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        study = load_study(path)
-        model = pipeline.ensure_model(study)
-        inputs = pipeline.load_inputs(study, "search")
-        cache, base_accuracy = pipeline.ensure_cache(study, model, inputs, "search", device=torch.device("cpu"))
-    return study, model, inputs, cache, base_accuracy
+        return prepared(tmp_path_factory.mktemp("search"), text, mp)
 
 
 def _with(study, race=None, **constraints):
@@ -63,8 +57,17 @@ def _uniform(precision):
     }
 
 
+def test_constraint_violation_limits_are_inclusive(setup):
+    study = _with(setup[0], max_accuracy_drop=0.25, max_size_ratio=0.5)
+    assert search.constraint_violation(study, 0.75, 1000, (0.1, 0.5, 500)) is None  # both exactly at their limits
+    assert "accuracy drop 0.260" in search.constraint_violation(study, 0.76, 1000, (0.1, 0.5, 500))
+    assert "size ratio 0.501" in search.constraint_violation(study, 0.75, 1000, (0.1, 0.5, 501))
+    assert search.constraint_violation(study, 0.75, 1000, (0.1, 0.9, 100)) is None  # size, not accuracy, in [2]
+
+
 def test_dominates():
     assert search.dominates((0.5, 0.9, 100), (0.4, 0.9, 100))
+    assert not search.dominates((0.5, 0.8, 100), (0.5, 0.9, 100))  # lower accuracy: never dominates
     assert search.dominates((0.5, 0.9, 100), (0.5, 0.8, 100))
     assert search.dominates((0.5, 0.9, 100), (0.5, 0.9, 101))
     assert not search.dominates((0.5, 0.9, 100), (0.5, 0.9, 100))  # equal values: neither dominates
@@ -91,15 +94,68 @@ def test_racing_stops_only_dominated_trials_and_keeps_every_certificate_and_the_
         attrs = after.user_attrs
         # The bound held: the full run would have reached at most the upper ACR it was stopped with...
         assert attrs["upper_acr"] >= before.values[0]
-        assert (attrs["accuracy"], attrs["size_bytes"]) == (before.values[1], before.values[2])
+        assert (attrs["accuracy"], attrs["size_bytes"]) == (before.user_attrs["accuracy"], before.values[2])
         assert attrs["samples"] < before.user_attrs["samples"]
         # ...and the trial named as its dominator, complete before it, dominates its full values too.
         rival = raced.trials[int(attrs["stopped"].removeprefix("dominated by trial "))]
         assert rival.number < after.number and rival.state == optuna.trial.TrialState.COMPLETE
         assert search.dominates(tuple(rival.values), tuple(before.values))
-    assert {tuple(t.values) for t in search.front(raced)} == {tuple(t.values) for t in search.front(plain)}
+    assert _front_numbers(raced) == _front_numbers(plain)
     saved = 1 - sum(t.user_attrs["samples"] for t in raced.trials) / sum(t.user_attrs["samples"] for t in plain.trials)
     print(f"racing: {len(stopped)} of {TRIALS} trials stopped, {saved:.0%} of the samples saved")
+
+
+def _front_numbers(optuna_study):
+    """The trials on the front, by number: a tied trial that racing dropped is missing here, not hidden by its twin."""
+    return {t.number for t in trials.front(optuna_study)}
+
+
+def _one_layer(layer, precision):
+    """Trial params: ``precision`` on ``layer``, fp32 elsewhere, no pruning."""
+    params = _uniform("fp32")
+    params[f"{layer}.precision"] = precision
+    return params
+
+
+TIES = [_one_layer("fc1", "fp16"), _one_layer("fc1", "bf16")]
+"""fp16 or bf16 weights in the largest layer lose nothing here: the two trials tie (same ACR, accuracy and size) on
+the front."""
+
+
+def tied_trials_after_racing(setup):
+    """``(plain, raced)``: the tied trials of :data:`TIES` run without and with racing.
+
+    At n_p = 64 the sum of this cache's radii divided by the input count is one float step below their mean, which is
+    how the final ACR averages them: a bound that averaged the other way stopped a trial for its identical twin.
+    """
+    study = dataclasses.replace(setup[0], irs=dataclasses.replace(setup[0].irs, n_p=64))
+    plain = _run(setup, _with(study, race=[]), params=TIES, n_trials=len(TIES))
+    raced = _run(setup, _with(study, race=[0.25, 0.5, 0.75]), params=TIES, n_trials=len(TIES))
+    return plain, raced
+
+
+def test_tied_front_trials_all_survive_racing(setup):
+    """Every tied front trial is still on the front with racing: none is stopped for a twin with identical values."""
+    plain, raced = tied_trials_after_racing(setup)
+    values = [tuple(t.values) for t in plain.trials]
+    ties = {t.number for t in plain.trials if values.count(tuple(t.values)) > 1}
+    assert len(ties) == len(TIES) and ties == _front_numbers(plain), "the test needs tied trials on the front"
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in raced.trials), [
+        t.user_attrs.get("stopped") for t in raced.trials
+    ]
+    assert _front_numbers(raced) == _front_numbers(plain)
+
+
+def test_a_bound_averaged_otherwise_than_the_acr_is_caught(setup, monkeypatch):
+    """Mutant: upper_acr sums the evaluated inputs' radii and divides (the final ACR is a mean over all inputs)."""
+    bad = mutant(
+        IRSRun.upper_acr,
+        "return acr(self._all_inputs(optimistic))",
+        "return float(optimistic.sum() / len(self.cache))",
+    )
+    monkeypatch.setattr(IRSRun, "upper_acr", bad)
+    plain, raced = tied_trials_after_racing(setup)
+    assert _front_numbers(raced) < _front_numbers(plain)
 
 
 def test_an_infeasible_candidate_stops_before_any_sample(setup):
@@ -109,6 +165,8 @@ def test_an_infeasible_candidate_stops_before_any_sample(setup):
     stopped, complete = result.trials
     assert stopped.state == optuna.trial.TrialState.PRUNED and stopped.user_attrs["samples"] == 0
     assert "max_size_ratio" in stopped.user_attrs["stopped"] and stopped.user_attrs["race_stage"] == 0.0
+    assert stopped.user_attrs["summary"] == search.ApproximationConfig.from_dict(stopped.user_attrs["config"]).summary()
+    assert 0 <= stopped.user_attrs["seconds"] < 60
     assert complete.state == optuna.trial.TrialState.COMPLETE and complete.user_attrs["feasible"]
     # Without racing the same candidate runs in full and is recorded infeasible.
     plain = _run(setup, _with(study, race=[]), params=[fp32], n_trials=1)
@@ -121,8 +179,18 @@ def test_evaluate_without_race_never_stops(setup):
         {"layers": {name: {"precision": "int4", "prune": 0.5} for name in ("conv1", "conv2", "fc1", "fc2")}}
     )
     result = search.evaluate(model, config, inputs, cache, study)
-    plan = IRSRun(apply_approximation(model, config), inputs.x, cache, study.irs_settings)
+    plan = IRSRun(apply_approximation(model, config), inputs, cache, study.irs_settings)
     assert result.samples == int(plan.counts.sum()) > 0  # every planned sample, none stopped
+    # What the trial records is its certificate's: confidence, ACR, certified accuracy, share of direct radii.
+    certificate = plan.result()
+    assert result.confidence == 1.0 - study.irs_settings.total_alpha(cache.meta.alpha)
+    assert (result.acr, result.mean_zeta, result.direct_share) == (
+        certificate.acr,
+        certificate.mean_zeta,
+        certificate.direct_share,
+    )
+    assert result.certified_accuracy == {f"{r:g}": certificate.certified_accuracy(r) for r in search.REPORT_RADII}
+    assert 0 <= result.seconds < 60
 
     def always(upper):
         return "stop"
@@ -141,6 +209,21 @@ def test_a_study_from_before_irs_zeta_resumes_only_with_the_papers_zeta(setup):
     with pytest.raises(search.StudyMismatchError, match="irs_zeta: study has 'disagreement', now 'loss'"):
         search._check_recorded(study, recorded, attrs)
     search._check_recorded(study, recorded, {**attrs, "irs_zeta": "disagreement"})
+
+
+def test_a_study_of_a_format_1_cache_is_refused_with_a_request_for_a_new_study(setup):
+    """Trials certified against format 1's noise must not share a front with trials of this noise."""
+    study, model, _, cache, base_accuracy = setup
+    attrs = search.study_attrs(study, cache, base_accuracy, model)
+    assert attrs["cache_format"] == 2
+    recorded = {k: v for k, v in attrs.items() if k != "cache_format"}  # as studies recorded before format 2
+    recorded["cache_fingerprint"] = "of the format 1 cache"
+    with pytest.raises(search.StudyMismatchError) as refused:
+        search._check_recorded(study, recorded, attrs)
+    message = " ".join(str(refused.value).split())
+    assert "tuned against a base cache of format 1, whose noise this approxtune no longer draws" in message
+    assert "cannot be mixed with new ones; tune a new study" in message
+    assert "every worker must read the same cache" not in message
 
 
 def test_a_repeated_configuration_takes_the_earlier_result_without_sampling(setup):
@@ -173,3 +256,75 @@ def test_a_repeat_of_a_stopped_trial_stops_at_once(setup):
     stopped, full = same_study.trials
     assert stopped.state == optuna.trial.TrialState.PRUNED and full.state == optuna.trial.TrialState.COMPLETE
     assert full.user_attrs["same_as"] is None and full.user_attrs["samples"] > 0
+    for key in ("race_stage", "summary", "upper_acr"):  # the stopped repeat records what its twin recorded
+        assert again.user_attrs[key] == first.user_attrs[key]
+    assert 0 <= again.user_attrs["seconds"] < 5
+    # With racing on again, a third repeat takes the complete twin's certificate, not the stopped twin's stop.
+    same_study.enqueue_trial(fp32)
+    same_study.optimize(search.make_objective(study, model, inputs, cache, base_accuracy, "cpu"), n_trials=1)
+    third = same_study.trials[2]
+    assert third.state == optuna.trial.TrialState.COMPLETE and third.user_attrs["same_as"] == full.number
+    assert third.values == full.values and third.user_attrs["samples"] == 0 and 0 <= third.user_attrs["seconds"] < 5
+
+
+def test_clean_accuracy_is_the_exact_count_over_the_total():
+    """Two of three correct is 2/3 in float64, not float32's 0.6666666865348816."""
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x[:, 0, 0, 0].long(), 3).float()
+
+    x = torch.tensor([0.0, 1.0, 2.0]).reshape(3, 1, 1, 1)
+    inputs = search.Inputs(x=x, y=torch.tensor([0, 1, 0]), index=np.arange(3))
+    accuracy = search.clean_accuracy(Fixed(), inputs)
+    assert type(accuracy) is float and accuracy == 2 / 3
+
+
+def test_a_complete_trial_records_its_exact_result_and_radii_and_shows_rounded_attributes(setup):
+    study, model, inputs, cache, _ = setup
+    trial = _run(setup, _with(study, race=[]), params=[_uniform("int4")], n_trials=1).trials[0]
+    result = search.TrialResult.from_trial(trial)
+    assert result.values == tuple(trial.values) and result.same_as is None
+    config = search.ApproximationConfig.from_dict(trial.user_attrs["config"])
+    exact = search.evaluate(model, config, inputs, cache, study)
+    assert np.array_equal(result.radii, exact.radii) and np.array_equal(trials.trial_radii(trial), exact.radii)
+    assert len(result.radii) == len(cache) and statistics.acr(result.radii) == trial.values[0]
+    assert (result.size_ratio, result.certified_accuracy) == (exact.size_ratio, exact.certified_accuracy)
+    attrs = trial.user_attrs
+    assert attrs["accuracy"] == round(trial.values[1], 4) and attrs["acr"] == round(trial.values[0], 4)
+    assert type(attrs["size_bytes"]) is int and attrs["size_bytes"] == trial.values[2]
+    assert attrs["size_ratio"] == round(exact.size_ratio, 4)
+    assert all(v == round(v, 4) for v in attrs["certified_accuracy"].values())
+    assert {k: v for k, v in attrs.items() if k.startswith("layer ")} == {
+        f"layer {name}": "int4" for name in ("conv1", "conv2", "fc1", "fc2")
+    }
+
+
+def test_a_repeat_records_the_earlier_trials_exact_result_and_radii(setup):
+    study = _with(setup[0], race=[])
+    pruned = {**_uniform("int8"), "fc1.prune": 0.3}
+    first, again = _run(setup, study, params=[pruned, pruned], n_trials=2).trials
+    a, b = search.TrialResult.from_trial(first), search.TrialResult.from_trial(again)
+    assert b.same_as == first.number and b.samples == 0
+    assert dataclasses.replace(b, samples=a.samples, seconds=a.seconds, same_as=None) == a
+    assert np.array_equal(a.radii, b.radii)
+    assert first.user_attrs["layer fc1"] == again.user_attrs["layer fc1"] == "int8, 30% pruned"
+
+
+def test_a_stopped_trial_shows_its_upper_acr_rounded_up():
+    stopped = search.Stopped("dominated by trial 1", 0.25, (0.123401, 0.9333333, 1000), 10, 0.123, "summary")
+    attrs = stopped.to_attrs()
+    assert (attrs["upper_acr"], attrs["accuracy"], attrs["size_bytes"], attrs["seconds"]) == (
+        0.1235,
+        0.9333,
+        1000,
+        0.12,
+    )
+
+
+def test_an_upper_bound_is_rounded_up_and_rounding_again_changes_nothing():
+    rng = np.random.default_rng(0)
+    for value in [*rng.uniform(0, 2, 1000), 0.1234, 0.12341, 0.99999, 0.0]:
+        shown = search._rounded_up(float(value))
+        assert shown >= value and shown - value < 1e-4 + 1e-12 and shown == round(shown, 4)
+        assert search._rounded_up(shown) == shown

@@ -5,11 +5,13 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from _studies import load_tiny, tiny_study
+from _studies import prepared, tiny_study
 from scipy.stats import spearmanr
 
 from approxtune import search, sensitivity
 from approxtune.approximation import ApproximationConfig, LayerChoice, apply_approximation
+from approxtune.cache import CacheError
+from approxtune.data import Inputs
 from approxtune.irs import IRSRun
 from approxtune.noise import Stream, sample_noise
 from approxtune.sensitivity import Sensitivity, ensure_sensitivity, guide_positions, measure, measurement_key
@@ -21,9 +23,10 @@ LAYERS = ("conv1", "conv2", "fc1", "fc2")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sensitivity")
     text = tiny_study("sens", seed=5).replace("[search]\n", "[search]\nguide_samples = 6\n")
-    study, model, inputs, cache = load_tiny(root, "sens", text)
+    with pytest.MonkeyPatch.context() as mp:
+        study, model, inputs, cache, _ = prepared(root, text, mp)
     key = _key(study, cache)
-    return root, study, model, inputs, cache, key, measure(model, inputs.x, cache, key)
+    return root, study, model, inputs, cache, key, measure(model, inputs, cache, key)
 
 
 def _key(study, cache):
@@ -42,7 +45,7 @@ def test_guide_positions_lie_beyond_every_sample_irs_replays(setup, irs):
     stream, start = guide_positions(study.irs_settings, cache.meta.n, study.search.guide_samples)
     assert stream is Stream.ESTIMATION
     worst = ApproximationConfig({name: LayerChoice("int4", 0.5) for name in LAYERS})
-    run = IRSRun(apply_approximation(model, worst), inputs.x, cache, study.irs_settings)
+    run = IRSRun(apply_approximation(model, worst), inputs, cache, study.irs_settings)
     assert run.counts.max() <= start < cache.meta.n
     if irs.get("allocate") is False or irs.get("mode"):
         assert run.counts.max() == start
@@ -61,7 +64,7 @@ def test_measure_reads_only_guide_positions(setup, monkeypatch):
     monkeypatch.setattr(sensitivity, "predict_under_noise", recording)
     scrambled = np.array(cache.predictions)
     scrambled[:, : key["start"]] = (scrambled[:, : key["start"]] + 1) % 10  # every replayable class wrong
-    again = measure(model, inputs.x, dataclasses.replace(cache, predictions=scrambled), key)
+    again = measure(model, inputs, dataclasses.replace(cache, predictions=scrambled), key)
     assert {r for r in ranges} == {(Stream.ESTIMATION, key["start"], key["start"] + key["samples"])}
     assert np.array_equal(again.rows, measured.rows) and np.array_equal(again.q, measured.q)
     assert all(np.array_equal(again.lost[k], measured.lost[k]) for k in measured.lost)
@@ -74,9 +77,9 @@ def test_lost_samples_are_those_f_has_and_the_change_misses(setup):
     approx = apply_approximation(model, ApproximationConfig({"fc2": choice}))
     start, m = key["start"], key["samples"]
     lost_any = False
-    for j, row in enumerate(measured.rows[:10]):
+    for j, row in enumerate(measured.rows):
         noise = sample_noise(
-            int(cache.seed[row]),
+            cache.seed[row],
             Stream.ESTIMATION,
             start,
             start + m,
@@ -106,22 +109,22 @@ def test_cost_and_rows(setup):
 def test_stored_beside_the_cache_reused_and_remeasured_when_the_key_changes(setup):
     root, study, model, inputs, cache, key, measured = setup
     cache_path = root / study.cache_path("search")
-    first, fresh = ensure_sensitivity(cache_path, key, lambda: measure(model, inputs.x, cache, key))
+    first, fresh = ensure_sensitivity(cache_path, key, lambda: measure(model, inputs, cache, key))
     assert fresh and sensitivity.sensitivity_path(cache_path, key).parent == cache_path.parent
-    again, fresh = ensure_sensitivity(cache_path, key, lambda: measure(model, inputs.x, cache, key))
+    again, fresh = ensure_sensitivity(cache_path, key, lambda: measure(model, inputs, cache, key))
     assert not fresh and again.seconds == first.seconds
     assert all(np.array_equal(again.lost[k], measured.lost[k]) for k in measured.lost)
     assert all(np.array_equal(again.clean[k], measured.clean[k]) for k in measured.clean)
     other = {**key, "samples": key["samples"] - 1}
-    _, fresh = ensure_sensitivity(cache_path, other, lambda: measure(model, inputs.x, cache, other))
+    _, fresh = ensure_sensitivity(cache_path, other, lambda: measure(model, inputs, cache, other))
     assert fresh
     # A file under this key's name that holds another measurement (copied by hand, say) is not trusted.
     path = sensitivity.sensitivity_path(cache_path, key)
     path.write_text(sensitivity.sensitivity_path(cache_path, other).read_text())
-    _, fresh = ensure_sensitivity(cache_path, key, lambda: measure(model, inputs.x, cache, key))
+    _, fresh = ensure_sensitivity(cache_path, key, lambda: measure(model, inputs, cache, key))
     assert fresh
     sensitivity.sensitivity_path(cache_path, key).write_text("{not json")
-    _, fresh = ensure_sensitivity(cache_path, key, lambda: measure(model, inputs.x, cache, key))
+    _, fresh = ensure_sensitivity(cache_path, key, lambda: measure(model, inputs, cache, key))
     assert fresh
 
 
@@ -167,10 +170,10 @@ n_p = 200
 
 
 @pytest.mark.slow
-def test_predicted_acr_ranks_configurations_like_irs(tmp_path):
+def test_predicted_acr_ranks_configurations_like_irs(tmp_path, monkeypatch):
     """On random configurations of a small digits study, predicted and certified ACR agree in rank (about 0.9)."""
-    study, model, inputs, cache = load_tiny(tmp_path, "mid", MID)
-    measured = measure(model, inputs.x, cache, _key(study, cache))
+    study, model, inputs, cache, _ = prepared(tmp_path, MID, monkeypatch)
+    measured = measure(model, inputs, cache, _key(study, cache))
     rng = np.random.default_rng(0)
     predicted, certified = [], []
     for _ in range(16):
@@ -192,7 +195,7 @@ def test_a_folder_it_cannot_write_keeps_the_measurement_in_memory(setup, monkeyp
         raise PermissionError("read-only")
 
     monkeypatch.setattr(sensitivity.os, "replace", refuse)
-    result, fresh = ensure_sensitivity(cache_path, key, lambda: measure(model, inputs.x, cache, key))
+    result, fresh = ensure_sensitivity(cache_path, key, lambda: measure(model, inputs, cache, key))
     assert fresh and list(cache_path.parent.iterdir()) == []
     assert all(np.array_equal(result.lost[k], measured.lost[k]) for k in measured.lost)
 
@@ -211,9 +214,9 @@ def test_without_free_cached_samples_the_guide_draws_fresh_noise(setup, monkeypa
         return original(model, x, seeds, stream, start, stop, sigma, **kwargs)
 
     monkeypatch.setattr(sensitivity, "predict_under_noise", recording)
-    measured = measure(model, inputs.x, cache, key)
+    measured = measure(model, inputs, cache, key)
     scrambled = (np.array(cache.predictions) + 1) % 10
-    again = measure(model, inputs.x, dataclasses.replace(cache, predictions=scrambled), key)
+    again = measure(model, inputs, dataclasses.replace(cache, predictions=scrambled), key)
     width = sensitivity.FRESH_F_SAMPLES
     assert set(ranges) == {(Stream.FRESH, 0, width), (Stream.FRESH, 0, key["samples"])}
     assert all(np.array_equal(again.lost[k], measured.lost[k]) for k in measured.lost)
@@ -221,3 +224,10 @@ def test_without_free_cached_samples_the_guide_draws_fresh_noise(setup, monkeypa
     variants = len(measured.lost)
     assert measured.samples == variants * (len(measured.rows) * key["samples"] + len(inputs)) + labelled * width
     assert 0 < len(measured.rows) <= labelled
+
+
+def test_inputs_other_than_the_caches_are_refused(setup):
+    _, _, model, inputs, cache, key, _ = setup
+    others = Inputs(inputs.x.flip(0), inputs.y.flip(0), inputs.index[::-1].copy())
+    with pytest.raises(CacheError, match="not the ones this cache certified"):
+        measure(model, others, cache, key)

@@ -8,9 +8,12 @@ import math
 
 import numpy as np
 import pytest
+from _mutants import mutant
 from scipy.stats import binomtest, norm
+from test_soundness import Coverage, assert_flagged, assert_sound, coverage
 
 from approxtune.statistics import (
+    BET_CAP,
     acr,
     betting_lower_bound,
     certified_accuracy,
@@ -111,9 +114,11 @@ def test_vectorised_inputs_match_scalar_calls_and_broadcast() -> None:
     ],
 )
 def test_bad_bound_arguments_raise(k, n, alpha) -> None:
-    with pytest.raises(ValueError):
+    bad_alpha = not 0.0 < alpha < 1.0  # NaN too
+    match = r"alpha must lie in \(0, 1\)" if bad_alpha else r"need 0 <= k <= n and n >= 1"
+    with pytest.raises(ValueError, match=match):
         lower_confidence_bound(k, n, alpha)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=match):
         upper_confidence_bound(k, n, alpha)
 
 
@@ -173,7 +178,7 @@ def test_certified_accuracy_curve() -> None:
     assert all(isinstance(r, float) and isinstance(a, float) for r, a in custom)
 
     empty = certified_accuracy_curve([])
-    assert len(empty) == 21 and all(a == 0.0 for _, a in empty)
+    assert empty == [(0.0, 0.0)] * 21  # a grid from 0 to the largest radius, 0
 
 
 def test_radius_of_bound_matches_textbook_example() -> None:
@@ -237,37 +242,151 @@ def test_betting_bound_against_clopper_pearson_on_zeros_and_ones() -> None:
     assert not np.array_equal(bet, betting_lower_bound(x[:, ::-1], 400, 400, 0.001))
 
 
-def test_betting_bound_with_best_bounds_every_completion() -> None:
-    """With ``best``, the result bounds the final bound of every completion of the values not yet seen."""
+def completion_excess(bound, top: float) -> float:
+    """How far the final bound of some completion of the unseen values exceeds ``bound(..., best=...)``, the upper
+    bound on all of them (0 when it holds): the all-best completion and 20 random ones, 40 rows of 60 values."""
     rng = np.random.default_rng(1)
     rows, n, seen = 40, 60, 20
     best = np.where(rng.random((rows, n)) < 0.2, 1.0, 0.5)
     x = np.minimum(rng.choice([0.0, 0.5, 1.0], size=(rows, n), p=[0.1, 0.8, 0.1]), best)
-    upper = betting_lower_bound(x, seen, n, 0.01, top=0.5, best=best)
-    finals = [betting_lower_bound(x, n, n, 0.01, top=0.5)]
-    finals.append(betting_lower_bound(np.where(np.arange(n) < seen, x, best), n, n, 0.01, top=0.5))
+    upper = bound(x, seen, n, 0.01, top=top, best=best)
+    finals = [betting_lower_bound(x, n, n, 0.01, top=top)]
+    finals.append(betting_lower_bound(np.where(np.arange(n) < seen, x, best), n, n, 0.01, top=top))
     for _ in range(20):
         rest = np.minimum(rng.choice([0.0, 0.5, 1.0], size=(rows, n)), best)
-        finals.append(betting_lower_bound(np.where(np.arange(n) < seen, x, rest), n, n, 0.01, top=0.5))
-    assert np.all(upper[None, :] >= np.array(finals) - 1e-12)
+        finals.append(betting_lower_bound(np.where(np.arange(n) < seen, x, rest), n, n, 0.01, top=top))
+    return float(np.max(np.array(finals) - upper[None, :], initial=0.0))
+
+
+@pytest.mark.parametrize("top", [0.5, 0.5625, 1.0])  # 0.5625: the signed zeta's (1 + SIGNED_REACH) / 2
+def test_betting_bound_with_best_bounds_every_completion(top: float) -> None:
+    """With ``best``, the result bounds the final bound of every completion of the values not yet seen."""
+    assert completion_excess(betting_lower_bound, top) <= 1e-12
+    rng = np.random.default_rng(1)
+    rows, n, seen = 40, 60, 20
+    best = np.where(rng.random((rows, n)) < 0.2, 1.0, 0.5)
+    x = np.minimum(rng.choice([0.0, 0.5, 1.0], size=(rows, n), p=[0.1, 0.8, 0.1]), best)
     # Seen in full, nothing is missing: the same bound.
-    np.testing.assert_array_equal(betting_lower_bound(x, n, n, 0.01, top=0.5, best=best), finals[0])
+    np.testing.assert_array_equal(
+        betting_lower_bound(x, n, n, 0.01, top=top, best=best), betting_lower_bound(x, n, n, 0.01, top=top)
+    )
     # Values past seen are ignored without best.
     np.testing.assert_array_equal(
-        betting_lower_bound(x, seen, n, 0.01), betting_lower_bound(np.where(np.arange(n) < seen, x, 0.0), seen, n, 0.01)
+        betting_lower_bound(x, seen, n, 0.01, top=top),
+        betting_lower_bound(np.where(np.arange(n) < seen, x, 0.0), seen, n, 0.01, top=top),
     )
+
+
+def test_an_optimistic_factor_below_one_is_caught() -> None:
+    """Mutant: a missing value's factor 1 + (BET_CAP / top)(best - m) without its floor at 1 (for best < m the best
+    completion bets nothing there; it cannot be forced to lose)."""
+    bad = mutant(
+        betting_lower_bound,
+        "np.maximum(best_values[None, :] - m[:, None], 0.0)",
+        "(best_values[None, :] - m[:, None])",
+    )
+    assert completion_excess(bad, 0.5625) > 1e-4
+
+
+def betting_coverage(bound) -> Coverage:
+    """The betting bound's miss rate where it is near its level: 20,000 sequences of 100 Bernoulli(0.9) values, alpha
+    = 0.1 (the library bound misses about 0.09 of the time there)."""
+    x = (np.random.default_rng(7).random((20_000, 100)) < 0.9).astype(float)
+    return coverage("betting bound, Bernoulli(0.9), n = 100", bound(x, 100, 100, 0.1) > 0.9, 0.1)
+
+
+def test_betting_bound_coverage_near_its_level() -> None:
+    c = betting_coverage(betting_lower_bound)
+    assert_sound(c)
+    assert c.rate > 0.8 * c.level, "near its level, or the check could not see a bound that is too high"
+
+
+def test_a_stake_that_reads_the_current_value_is_caught() -> None:
+    """Mutant: the stake of value t computed from v_t, which includes X_t (not predictable): misses about 0.16."""
+    bad = mutant(betting_lower_bound, "(n_arr[:, None] * var_before)", "(n_arr[:, None] * var)")
+    assert_flagged(betting_coverage(bad))
+
+
+def betting_by_definition(x, seen, n, alpha, top, best=None, steps=32) -> float:
+    """The betting bound of one sequence, written out from its docstring one value at a time (no arrays)."""
+    cap, threshold = BET_CAP / top, math.log(1.0 / alpha)
+    lo, hi = 0.0, top
+    for _ in range(steps):
+        m = (lo + hi) / 2.0
+        log_capital = best_log = 0.0
+        total = squares = 0.0
+        var_before = 0.25
+        for t in range(1, seen + 1):
+            value = float(x[t - 1])
+            stake = min(math.sqrt(2.0 * threshold / (n * var_before)), cap)
+            log_capital += math.log1p(stake * (value - m))
+            best_log = max(best_log, log_capital)
+            total += value
+            squares += (value - (0.5 + total) / (t + 1)) ** 2
+            var_before = (0.25 + squares) / (t + 1)
+        score = best_log
+        if best is not None:
+            rest = sum(math.log1p(cap * max(float(best[t]) - m, 0.0)) for t in range(seen, n))
+            score = max(best_log, log_capital + rest)
+        lo, hi = (m, hi) if score >= threshold else (lo, m)
+    return lo
+
+
+@pytest.mark.parametrize("top", [0.5625, 1.0])
+def test_betting_bound_follows_its_definition(top: float) -> None:
+    """Sequences of 0, 1/2, 1 (and of uniform values) of other lengths, seen prefixes and levels, with and without the
+    best completion: the vectorised bound is the one-value-at-a-time definition, bit for bit."""
+    rng = np.random.default_rng(5)
+    width = 50  # wider than every n: columns past n must play no part
+    x = rng.choice([0.0, 0.5, 1.0], size=(12, width), p=[0.15, 0.6, 0.25])
+    x[6:] = rng.random((6, width))
+    seen = np.array([0, 1, 7, 20, 30, 30, 40, 3, 10, 25, 39, 40])
+    n = np.array([5, 9, 30, 20, 30, 45, 40, 11, 17, 25, 40, 49])
+    best = np.where(rng.random((12, width)) < 0.3, 1.0, 0.5)
+    for alpha in (0.01, 0.2):
+        plain = betting_lower_bound(x, seen, n, alpha, top=top)
+        optimistic = betting_lower_bound(x, seen, n, alpha, top=top, best=best)
+        for i in range(12):
+            assert plain[i] == betting_by_definition(x[i], seen[i], n[i], alpha, top), (i, alpha)
+            assert optimistic[i] == betting_by_definition(x[i], seen[i], n[i], alpha, top, best[i]), (i, alpha)
+    assert betting_lower_bound(np.zeros((0, 5)), 0, 5, 0.1).shape == (0,)
+    assert betting_lower_bound(np.ones((1, 1)), 1, 1, 0.2)[0] == betting_by_definition([1.0], 1, 1, 0.2, 1.0)
 
 
 @pytest.mark.parametrize(
     ("x", "seen", "n", "alpha", "top", "match"),
     [
-        ([[0.5, 1.5]], 2, 2, 0.1, 1.0, "values in"),
-        ([[0.5, 0.5]], 3, 3, 0.1, 1.0, "seen <= n"),
+        ([[0.5, 1.5]], 2, 2, 0.1, 1.0, "needs values in \\[0, 1\\]"),
+        ([[0.5, -0.5]], 2, 2, 0.1, 1.0, "needs values in \\[0, 1\\]"),
+        ([[0.5, 0.5]], 3, 3, 0.1, 1.0, "needs 0 <= seen <= n <= the sequences' length and n >= 1"),
         ([[0.5, 0.5]], 2, 1, 0.1, 1.0, "seen <= n"),
+        ([[0.5, 0.5]], -1, 2, 0.1, 1.0, "seen <= n"),
+        ([[0.5, 0.5]], 0, 0, 0.1, 1.0, "n >= 1"),
         ([[0.5, 0.5]], 2, 2, 1.0, 1.0, "alpha"),
+        ([[0.5, 0.5]], 2, 2, 0.0, 1.0, "alpha"),
         ([[0.5, 0.5]], 2, 2, 0.1, 0.0, "top"),
+        ([[0.5, 0.5]], 2, 2, 0.1, 1.5, "top"),
     ],
 )
 def test_betting_bound_bad_arguments_raise(x, seen, n, alpha, top, match) -> None:
     with pytest.raises(ValueError, match=match):
         betting_lower_bound(x, seen, n, alpha, top=top)
+
+
+def test_bounds_and_radii_are_scipy_stats_quantiles_bit_for_bit():
+    """The bounds call scipy.special's inverse regularised incomplete beta and ndtri (light to import); they are
+    exactly scipy.stats' beta.ppf and norm.ppf, so caches and certificates do not change by a bit."""
+    from scipy.stats import beta, norm
+
+    rng = np.random.default_rng(0)
+    n = rng.integers(1, 100_000, 20_000)
+    k = np.minimum(rng.integers(0, 100_000, 20_000), n)
+    for alpha in (1e-4, 1e-3, 0.05, 0.3):
+        safe = np.maximum(k, 1)
+        expected_lower = np.where(k == 0, 0.0, beta.ppf(alpha, safe, n - safe + 1))
+        assert np.array_equal(lower_confidence_bound(k, n, alpha), expected_lower)
+        top = np.minimum(k, n - 1)
+        expected_upper = np.where(k == n, 1.0, beta.ppf(1 - alpha, top + 1, n - top))
+        assert np.array_equal(upper_confidence_bound(k, n, alpha), expected_upper)
+    p = rng.uniform(0.5, 1, 20_000)
+    assert np.array_equal(radius(p, 0.5), np.where(p > 0.5, 0.5 * norm.ppf(p), 0.0))
