@@ -44,11 +44,10 @@ after ``search.grace_period`` seconds another worker marks its trial FAIL and en
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import json
 import math
-import os
-import socket
 import time
 import warnings
 import zlib
@@ -78,6 +77,7 @@ from approxtune.config import Study
 from approxtune.data import Inputs
 from approxtune.errors import ApproxtuneError
 from approxtune.irs import IRSRun
+from approxtune.locking import holder_gone, this_process
 
 __all__ = [
     "OBJECTIVES",
@@ -477,17 +477,7 @@ def masked_url(url: str) -> str:
 
 def worker_id() -> str:
     """``host:pid`` of this process, recorded on every trial it runs (user attribute ``worker``)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+    return this_process()
 
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -500,22 +490,6 @@ def pending_retries(optuna_study: optuna.Study) -> int:
     return sum("failed_trial" in t.system_attrs for t in waiting)
 
 
-class StopWhenDone:
-    """An Optuna callback: stop once ``trials`` trials have finished and no retry of a failed trial is waiting.
-
-    (Optuna's ``MaxTrialsCallback`` counts finished trials only, so a study could end with the retry of a dead trial
-    never run.)
-    """
-
-    def __init__(self, trials: int) -> None:
-        self.trials = trials
-
-    def __call__(self, optuna_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        done = len(optuna_study.get_trials(deepcopy=False, states=FINISHED))
-        if done >= self.trials and not pending_retries(optuna_study):
-            optuna_study.stop()
-
-
 def fail_dead_local_trials(optuna_study: optuna.Study) -> list[int]:
     """Fail, and enqueue a retry of, every RUNNING trial whose worker ran on this host and is no longer alive.
 
@@ -524,15 +498,13 @@ def fail_dead_local_trials(optuna_study: optuna.Study) -> list[int]:
     other hosts).  The retry is Optuna's own (the storage's stale-trial callback), so the copy runs next and
     records which trial it replaces.  Returns the numbers of the trials failed.
     """
-    host = socket.gethostname()
     storage = optuna_study._storage  # the public API has no way to fail another process's trial
     retry = (
         storage.get_heartbeat_stale_trial_callback() if hasattr(storage, "get_heartbeat_stale_trial_callback") else None
     )
     failed = []
     for trial in optuna_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-        if worker_host != host or not pid.isdigit() or _alive(int(pid)):
+        if not holder_gone(str(trial.user_attrs.get("worker", ""))):
             continue
         try:
             if not storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL):
@@ -570,6 +542,29 @@ def _schema_lock(url: str) -> Iterator[None]:
         engine.dispose()
 
 
+RETRY_KEEPS = ("baseline",)
+"""The user attributes a retry of a dead trial inherits; the others describe a run that did not finish."""
+
+
+def _fresh_retry(
+    retry: Callable[[optuna.Study, optuna.trial.FrozenTrial], None],
+) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+    """Optuna's retry of a dead trial (a WAITING copy of its parameters and attributes), without what the dead trial
+    recorded of a result: its :data:`RESULT_ATTR`, its constraint values and its user attributes other than
+    :data:`RETRY_KEEPS`.  (A copy that inherited them would start with another run's result, and Optuna would ignore
+    its own constraint values as already set.)"""
+
+    def retry_afresh(optuna_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        clean = copy.copy(trial)
+        clean.system_attrs = {
+            k: v for k, v in trial.system_attrs.items() if k != RESULT_ATTR and not k.startswith("constraints")
+        }
+        clean.user_attrs = {k: v for k, v in trial.user_attrs.items() if k in RETRY_KEEPS}
+        retry(optuna_study, clean)
+
+    return retry_afresh
+
+
 def storage(
     url: str, heartbeat_interval: int = 30, grace_period: int = 90, max_retry: int = 2
 ) -> optuna.storages.BaseStorage:
@@ -584,7 +579,7 @@ def storage(
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        retry = _fresh_retry(RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
     # SQLite: wait for the file lock; a server: a worker outlives server restarts and idle-connection timeouts.
     engine_kwargs: dict = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     if url.startswith("postgresql"):
