@@ -426,12 +426,12 @@ def _validate(s: Study) -> None:
     _require(0.5 < i.gamma <= 1, f"irs.gamma must lie in (0.5, 1], got {i.gamma}")
     _require(0 <= i.n_tail < c.n, f"irs.n_tail must lie in [0, certify.n = {c.n}) (0: n // 2), got {i.n_tail}")
     _require(i.block >= 1 and i.pilot >= 0, f"irs.block must be >= 1 and irs.pilot >= 0, got {i.block}, {i.pilot}")
-    _require(i.block <= c.n, f"irs.block must be at most certify.n = {c.n} (a step of cached samples), got {i.block}")
     if i.mode == Mode.TAIL:
         try:
             s.irs_settings.tail_length(c.n)
         except ValueError as exc:
             raise ConfigError(f"irs (mode 'tail'): {exc}") from None
+        _require(i.block <= c.n, f"irs.block must be at most certify.n = {c.n} (a step of samples), got {i.block}")
     _validate_model(s.model)
     _validate_data(d)
     _require(0 <= s.study.seed < 2**32, f"study.seed must lie in [0, 2**32 - 1] (Optuna's range), got {s.study.seed}")

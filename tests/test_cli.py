@@ -566,3 +566,19 @@ def test_two_tunes_started_at_once_on_a_fresh_study_share_one_model_one_cache_an
     assert sorted(p.name for p in (tmp_path / "runs/tiny").iterdir()) == sorted(
         ["model.pt", cache.name, "study.db", "front.png", "front.html"]
     ), "no parts, locks or temporary files left"
+
+
+def test_a_cache_written_before_checksums_is_certified_again_and_its_study_goes_on(tuned, tmp_path, capsys):
+    study_file, study, cache = _copy_of_tuned(tuned, tmp_path)
+    good = {p.name: p.read_bytes() for p in cache.iterdir()}
+    meta = json.loads(good["meta.json"])
+    del meta["checksums"]
+    (cache / "meta.json").write_text(json.dumps(meta))
+    study_file.write_text(TINY.replace("trials = 9", "trials = 10"))
+    capsys.readouterr()
+    assert main_in(tmp_path, ["tune", str(study_file)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"Rebuilding {study.cache_path('search')}: the base cache" in err and "has no checksums" in err
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == good, "the same bytes, with checksums"
+    db = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs/tiny/study.db'}")
+    assert len(db.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))) == 10

@@ -84,26 +84,27 @@ def test_shared_locks_exclude_only_an_exclusive_one(tmp_path):
     thread.join(10)
 
 
-def test_an_exclusive_holder_excludes_shared_ones_and_a_waiter_follows_a_removed_file(tmp_path):
-    """The holder removes the file it locked; a process that waited on that file locks the next one instead, so two
-    processes never hold the lock through two files."""
+def test_a_waiter_follows_the_file_its_holder_removed_so_two_processes_never_hold_the_lock(tmp_path):
+    """The holder removes the file it locked; a process that waited on that file must lock the file at the path
+    instead, which a process arriving later may have created and locked meanwhile."""
     lock = tmp_path / "x.lock"
-    holder = _hold(lock, seconds=1.0)
+    holder = _hold(lock, seconds=0.5)
     inside = []
 
     def take(name):
         with file_lock(lock):
             inside.append(("in", name))
-            time.sleep(0.3)
+            time.sleep(0.5)
             inside.append(("out", name))
 
-    threads = [threading.Thread(target=take, args=(n,)) for n in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    holder.wait()
-    assert [kind for kind, _ in inside] == ["in", "out"] * 3, "one at a time"
+    waiter = threading.Thread(target=take, args=("waiter",))
+    waiter.start()  # waits on the holder's file
+    holder.wait()  # which the holder has removed now
+    late = threading.Thread(target=take, args=("late",))
+    late.start()  # creates a new file at the path
+    for thread in (waiter, late):
+        thread.join(30)
+    assert [kind for kind, _ in inside] == ["in", "out", "in", "out"], f"one at a time: {inside}"
 
 
 def test_nested_requests_of_one_thread_are_granted_and_a_shared_lock_is_not_upgraded(tmp_path):
