@@ -66,6 +66,15 @@ def test_cache_contents_match_certify(tmp_path):
     assert np.array_equal(cache.certified_radius, np.where(cache.c_hat == cache.label, cache.radius, 0))
 
 
+def _samples_to_build(model, inputs, path) -> int:
+    """Build the cache at ``path``; returns the noise samples f evaluated (not the class count's one input)."""
+    evaluated = []
+    hook = model.register_forward_hook(lambda module, args, output: evaluated.append(len(args[0])))
+    build_base_cache(model, inputs, path, SETTINGS)
+    hook.remove()
+    return sum(evaluated) - 1
+
+
 def test_no_pickle_in_the_format(tmp_path):
     build_base_cache(make_model(), make_inputs(), tmp_path / "c", SETTINGS)
     for file in (tmp_path / "c").glob("*.npy"):
@@ -90,12 +99,10 @@ def test_interrupted_build_resumes_to_identical_bytes(tmp_path, monkeypatch):
     assert 1 <= len(chunks) < 4, "some but not all chunks were finished"
     assert not (tmp_path / "c").exists(), "no half-written cache is visible"
 
-    evaluated = []
-    model.register_forward_hook(lambda module, args, output: evaluated.append(len(args[0])))
-    build_base_cache(model, inputs, tmp_path / "c", SETTINGS)
+    evaluated = _samples_to_build(model, inputs, tmp_path / "c")
     assert dir_bytes(tmp_path / "c") == dir_bytes(tmp_path / "ref")
     finished_inputs = 3 * len(chunks)
-    assert sum(evaluated) - 1 == (10 - finished_inputs) * 316, "finished chunks are reused, not recomputed"
+    assert evaluated == (10 - finished_inputs) * 316, "finished chunks are reused, not recomputed"
 
 
 def test_partial_chunks_of_other_settings_are_discarded(tmp_path, monkeypatch):
@@ -155,17 +162,25 @@ SCRIPT = textwrap.dedent(
     """
     import sys, numpy as np, torch
     from torch import nn
-    from approxtune.cache import CertifySettings, build_base_cache
+    from approxtune import cache as c
     from approxtune.data import Inputs
-    import approxtune.cache as c
     c.CHUNK_SAMPLES = 2 * 2064
     g = torch.Generator().manual_seed(0)
     x = torch.rand(40, 1, 4, 4, generator=g); y = torch.randint(0, 3, (40,), generator=g)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
-    build_base_cache(model, Inputs(x, y, np.arange(40)), sys.argv[1], CertifySettings(0.5, 64, 2000, 0.001, 1))
+    inputs, settings = Inputs(x, y, np.arange(40)), c.CertifySettings(0.5, 64, 2000, 0.001, 1)
+    action = sys.argv[2] if len(sys.argv) > 2 else "build"
+    if action == "build":
+        c.build_base_cache(model, inputs, sys.argv[1], settings)
+    elif action == "merge":
+        c.merge_base_cache(model, inputs, sys.argv[1], settings)
+    else:
+        i, k = map(int, action.split("/"))
+        c.certify_shard(model, inputs, sys.argv[1], (i, k), settings)
     """
 )
+"""Certifies a 40-input cache at ``argv[1]``: ``build`` (the default), ``merge`` or shard ``I/K``."""
 
 
 @pytest.mark.slow
@@ -213,10 +228,8 @@ def test_a_one_process_build_finishes_what_shards_started(tmp_path, monkeypatch)
     model, inputs = make_model(), make_inputs(10)
     build_base_cache(model, inputs, tmp_path / "ref", SETTINGS)
     cache_mod.certify_shard(model, inputs, tmp_path / "c", (1, 2), SETTINGS)
-    evaluated = []
-    model.register_forward_hook(lambda module, args, output: evaluated.append(len(args[0])))
-    build_base_cache(model, inputs, tmp_path / "c", SETTINGS)
-    assert sum(evaluated) - 1 == 6 * 316, "only shard 0's chunks (inputs 0-2 and 6-8) were certified"
+    evaluated = _samples_to_build(model, inputs, tmp_path / "c")
+    assert evaluated == 6 * 316, "only shard 0's chunks (inputs 0-2 and 6-8) were certified"
     assert dir_bytes(tmp_path / "c") == dir_bytes(tmp_path / "ref")
 
 
@@ -465,15 +478,21 @@ def test_set_aside_keeps_a_damaged_cache_under_a_name_of_its_own(tmp_path):
     assert first != second and first.name.startswith("c.damaged-") and second.is_dir() and not (tmp_path / "c").exists()
 
 
+@pytest.fixture
+def three_per_chunk(monkeypatch):
+    """A model and 10 inputs whose certification is cut into chunks of three inputs (four chunks)."""
+    monkeypatch.setattr(cache_mod, "CHUNK_SAMPLES", 3 * 316)
+    return make_model(), make_inputs(10)
+
+
 def _chunk_arrays(file: Path) -> dict:
     with np.load(file) as data:
         return {k: data[k] for k in data.files}
 
 
 @pytest.mark.parametrize("how", ["flipped byte", "truncated", "changed array", "no checksums"])
-def test_a_damaged_chunk_is_certified_again_by_a_build_and_refused_by_a_merge(tmp_path, monkeypatch, how):
-    monkeypatch.setattr(cache_mod, "CHUNK_SAMPLES", 3 * 316)
-    model, inputs = make_model(), make_inputs(10)
+def test_a_damaged_chunk_is_certified_again_by_a_build_and_refused_by_a_merge(tmp_path, three_per_chunk, how):
+    model, inputs = three_per_chunk
     build_base_cache(model, inputs, tmp_path / "ref", SETTINGS)
     _shard_all(model, inputs, tmp_path / "c", 2)
     chunk = tmp_path / "c.partial" / "chunk-000000003-000000006.npz"
@@ -498,16 +517,13 @@ def test_a_damaged_chunk_is_certified_again_by_a_build_and_refused_by_a_merge(tm
     assert "run its shard again (chunk 1 belongs to shard I/K with I = 1 mod K)" in str(refused.value)
     assert not (tmp_path / "c").exists(), "a refused merge writes nothing"
 
-    evaluated = []
-    model.register_forward_hook(lambda module, args, output: evaluated.append(len(args[0])))
-    build_base_cache(model, inputs, tmp_path / "c", SETTINGS)
-    assert sum(evaluated) - 1 == 3 * 316, "only the damaged chunk (inputs 3-5) was certified again"
+    evaluated = _samples_to_build(model, inputs, tmp_path / "c")
+    assert evaluated == 3 * 316, "only the damaged chunk (inputs 3-5) was certified again"
     assert dir_bytes(tmp_path / "c") == dir_bytes(tmp_path / "ref")
 
 
-def test_what_killed_builders_left_is_removed_by_the_next_build(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_mod, "CHUNK_SAMPLES", 3 * 316)
-    model, inputs = make_model(), make_inputs(10)
+def test_what_killed_builders_left_is_removed_by_the_next_build(tmp_path, three_per_chunk):
+    model, inputs = three_per_chunk
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     tag = f"{socket.gethostname()}-{dead.pid}"
@@ -520,36 +536,13 @@ def test_what_killed_builders_left_is_removed_by_the_next_build(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", live.name]
 
 
-BUILD_AT_ONCE = textwrap.dedent(
-    """
-    import sys, numpy as np, torch
-    from torch import nn
-    from approxtune import cache as c
-    from approxtune.data import Inputs
-    c.CHUNK_SAMPLES = 2 * 2064
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(40, 1, 4, 4, generator=g); y = torch.randint(0, 3, (40,), generator=g)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
-    inputs, settings = Inputs(x, y, np.arange(40)), c.CertifySettings(0.5, 64, 2000, 0.001, 1)
-    if sys.argv[2] == "build":
-        c.build_base_cache(model, inputs, sys.argv[1], settings)
-    elif sys.argv[2] == "merge":
-        c.merge_base_cache(model, inputs, sys.argv[1], settings)
-    else:
-        i, k = map(int, sys.argv[2].split("/"))
-        print(c.certify_shard(model, inputs, sys.argv[1], (i, k), settings).merged)
-    """
-)
-
-
 @pytest.mark.slow
 def test_builds_and_shards_started_at_once_never_collide(tmp_path):
     """Before the lock, a build that finished removed <cache>.partial while another process wrote into it
     ("No such file or directory: ...chunk-...tmp-<host>-<pid>.npz").  Now builds take turns, shards run side by side
     and wait for a build, a shard that waited for a build finds the cache complete, and so does a merge after them."""
     script = tmp_path / "build.py"
-    script.write_text(BUILD_AT_ONCE)
+    script.write_text(SCRIPT)
     subprocess.run([sys.executable, script, tmp_path / "ref", "build"], check=True)
 
     def start(*args):

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import optuna
@@ -248,12 +249,19 @@ def test_killed_tune_continues_when_run_again(tmp_path):
     study = tmp_path / "tiny.toml"
     study.write_text(TINY)
     proc = _start_tune(tmp_path, study)
-    _wait_for_trials(proc, 3)
+    _wait_for_trials(proc, 3)  # a trial prints its line once its result and constraints are recorded
     proc.kill()
     proc.communicate()
-    assert main_in(tmp_path, ["tune", str(study)]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main_in(tmp_path, ["tune", str(study)]) == 0
+    assert not [w for w in caught if "is already set" in str(w.message)], "a retry inherits no constraint values"
     db = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs/tiny/study.db'}")
     assert len(db.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 9
+    for retry in (t for t in db.trials if "failed_trial" in t.system_attrs):  # its own result, not the dead one's
+        assert retry.constraints["accuracy_drop"] == pytest.approx(
+            db.user_attrs["base_accuracy"] - retry.values[1] - 1.0
+        )
 
 
 @pytest.mark.slow
