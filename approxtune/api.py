@@ -33,10 +33,10 @@ from approxtune.config import Study
 from approxtune.export import ExportResult, export_trial
 from approxtune.job import Job, prepare
 from approxtune.progress import Reporter
+from approxtune.storage import is_shared_storage, masked_url, worker_id
+from approxtune.trials import FINISHED
 
 __all__ = ["Certification", "TuneResult", "certify", "settings", "tune"]
-
-FINISHED = search.FINISHED
 
 StudyLike = Study | dict | str | Path | None
 
@@ -120,7 +120,7 @@ def _shared_cache(job: Job) -> BaseCache:
         cache = load_cache(path)
     except CacheError as exc:
         raise CacheError(
-            f"{str(exc).split(';')[0]}; with a shared study storage ({search.masked_url(study.storage)}) workers do "
+            f"{str(exc).split(';')[0]}; with a shared study storage ({masked_url(study.storage)}) workers do "
             f"not certify g themselves, which would race the other workers: {first}"
         ) from None
     try:
@@ -211,10 +211,10 @@ def tune(
     """
     reporter = reporter or Reporter(quiet=not verbose)
     study_settings = settings(study, data, **keywords)
-    shared = search.is_shared_storage(study_settings.storage)
+    shared = is_shared_storage(study_settings.storage)
     refusal = (  # a worker on a shared storage would race the others
         f"no checkpoint at {study_settings.checkpoint}; with a shared study storage "
-        f"({search.masked_url(study_settings.storage)}) workers neither train nor certify: {_first(study_settings)}"
+        f"({masked_url(study_settings.storage)}) workers neither train nor certify: {_first(study_settings)}"
     )
     job = prepare(
         study_settings,
@@ -262,7 +262,7 @@ def tune_job(
         done = len(optuna_study.get_trials(deepcopy=False, states=FINISHED))
         how = f"created it; baselines: {', '.join(opened.enqueued) or 'none'}" if opened.created else "joined it"
         reporter.info(
-            f"Study {study.name!r} ({search.masked_url(study.storage)}): worker {search.worker_id()} {how}; "
+            f"Study {study.name!r} ({masked_url(study.storage)}): worker {worker_id()} {how}; "
             f"{done} trials done, running up to {remaining}; {len(layers)} layers searched; "
             f"certificates hold with probability >= {attrs['confidence']:.4g}."
         )

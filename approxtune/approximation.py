@@ -67,6 +67,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from approxtune.config import PRECISIONS
 from approxtune.errors import ApproxtuneError
 
 __all__ = [
@@ -91,7 +92,6 @@ __all__ = [
     "size_ratio",
 ]
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 _QMAX = {"int8": 127, "int4": 7}

@@ -8,7 +8,7 @@ happen under one lock file in the study's ``output_dir`` (:func:`approxtune.lock
 never both take the last trial, and a study ends with exactly ``search.trials`` finished trials, with any number of
 workers on machines that share ``output_dir``.  (Workers that do not share it may each take the last trial: a study
 then ends with up to one more per worker.)  Before each decision, a RUNNING trial whose worker on this host is dead is
-failed and retried (:func:`approxtune.search.fail_dead_local_trials`), and trials of workers that stopped sending
+failed and retried (:func:`approxtune.storage.fail_dead_local_trials`), and trials of workers that stopped sending
 heartbeats are failed and retried (Optuna's :func:`~optuna.storages.fail_stale_trials`), so that no dead trial holds
 a place in the budget.
 """
@@ -24,8 +24,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from approxtune import search
+from approxtune import storage
 from approxtune.locking import file_lock
+from approxtune.trials import FINISHED
 
 __all__ = ["TrialBudget"]
 
@@ -73,15 +74,15 @@ class TrialBudget:
         return started
 
     def _left(self, optuna_study: optuna.Study) -> int:
-        dead = search.fail_dead_local_trials(optuna_study)
+        dead = storage.fail_dead_local_trials(optuna_study)
         if dead and self.on_dead is not None:
             self.on_dead(dead)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(optuna_study)
-        states = (*search.FINISHED, TrialState.RUNNING)
+        states = (*FINISHED, TrialState.RUNNING)
         taken = len(optuna_study.get_trials(deepcopy=False, states=states))
-        return max(self.trials - taken, search.pending_retries(optuna_study))
+        return max(self.trials - taken, storage.pending_retries(optuna_study))
 
     def _acquire(self) -> None:
         if self._held is None:

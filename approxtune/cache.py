@@ -83,6 +83,7 @@ __all__ = [
     "ShardResult",
     "build_base_cache",
     "build_lock",
+    "cache_fingerprint",
     "cache_meta",
     "certify_shard",
     "check_noise",
@@ -278,14 +279,16 @@ def _file_checksum(file: Path) -> dict[str, int | str]:
     return {"bytes": file.stat().st_size, "sha256": digest}
 
 
-def _meta_checksum(meta: CacheMeta) -> str:
+def cache_fingerprint(cache: BaseCache | CacheMeta) -> str:
+    """SHA-256 of the cache's metadata, which determines its contents (model, inputs, sigma, n, alpha, seed)."""
+    meta = cache.meta if isinstance(cache, BaseCache) else cache
     return hashlib.sha256(meta.to_json().encode()).hexdigest()
 
 
 def _write_arrays(directory: Path, arrays: dict[str, np.ndarray], meta: CacheMeta) -> None:
     """The cache's ``.npy`` files, then ``meta.json`` with the checksums of the files as written and of ``meta``."""
     directory.mkdir(parents=True)
-    checksums: dict[str, object] = {"meta": _meta_checksum(meta)}
+    checksums: dict[str, object] = {"meta": cache_fingerprint(meta)}
     for name in ARRAYS:
         file = directory / f"{name}.npy"
         np.save(file, arrays[name], allow_pickle=False)
@@ -358,7 +361,7 @@ def _read_sealed_meta(path: Path) -> tuple[CacheMeta, dict]:
         meta = CacheMeta(**data)
     except TypeError as exc:
         raise CacheDamagedError(path, f"meta.json is malformed ({exc})") from None
-    if checksums.get("meta") != _meta_checksum(meta):
+    if checksums.get("meta") != cache_fingerprint(meta):
         raise CacheDamagedError(path, "meta.json does not match its checksum (a value in it was changed)")
     return meta, checksums
 

@@ -1,8 +1,11 @@
-"""The ``approxtune`` command line.
+"""The ``approxtune`` command line: a thin layer over the Python API (:mod:`approxtune.api`) and the export.
 
 Every command takes a study file.  Bad input (a malformed study, a missing checkpoint or data folder, a cache of
 another model) ends with a one-line ``error:`` message and exit code 2, before anything is written; ``--debug`` shows
 the traceback instead.
+
+Each command imports the modules it runs inside its function: the ones that run models import torch (seconds), the
+front imports matplotlib and plotly, and ``--help`` none of them (``benchmarks/cli_results.md``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import optuna
@@ -25,13 +29,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from approxtune import api, pipeline, plots, report, search
-from approxtune import cache as cache_mod
-from approxtune.cache import BaseCache, CacheDamagedError
 from approxtune.config import Study, load_study
-from approxtune.job import prepare
 from approxtune.progress import Reporter
-from approxtune.search import clean_accuracy
+from approxtune.storage import load_existing_study
+from approxtune.trials import feasible
+
+if TYPE_CHECKING:
+    from approxtune.cache import BaseCache
 
 console = Console(stderr=True)
 reporter = Reporter(console)
@@ -46,6 +50,8 @@ def progress_bar(description: str, total: int) -> AbstractContextManager[Callabl
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from approxtune import pipeline
+
     study = load_study(args.study)
     with progress_bar(f"train {study.model.builtin_arch} (sigma={study.certify.sigma:g})", study.train.epochs) as bar:
         pipeline.train_study_model(study, progress=lambda epoch, loss: bar(1))
@@ -53,6 +59,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_certify(args: argparse.Namespace) -> None:
+    from approxtune import api
+
     study = load_study(args.study)
     if args.shard is not None or args.merge:
         _certify_split(study, args)
@@ -63,6 +71,12 @@ def cmd_certify(args: argparse.Namespace) -> None:
 
 def _certify_split(study: Study, args: argparse.Namespace) -> None:
     """``certify --shard I/K`` (one part of the inputs, into ``<cache>.partial/``) or ``certify --merge``."""
+    from approxtune import cache as cache_mod
+    from approxtune import pipeline
+    from approxtune.cache import CacheDamagedError
+    from approxtune.job import prepare
+    from approxtune.search import clean_accuracy
+
     shard = cache_mod.parse_shard(args.shard) if args.shard is not None else None
     if pipeline.needs_training(study):
         raise ValueError(
@@ -164,6 +178,8 @@ class StopAfterTrial:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from approxtune import api, pipeline
+
     study = load_study(args.study)
     with StopAfterTrial() as stopper:
         result = api.tune(study=study, device=args.device, reporter=reporter, callbacks=[stopper])
@@ -176,9 +192,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def _show_front(
     study: Study, optuna_study: optuna.Study, as_json: bool, curves: bool = False, trials: str | None = None
 ) -> None:
-    from approxtune import export
+    from approxtune import report
 
-    artifacts = export.artifact_dir(study)
+    artifacts = study.artifact_dir
     drawn = _draw_curves(study, optuna_study, trials, artifacts) if curves else None
     rows = report.front_rows(optuna_study)
     if as_json:
@@ -187,6 +203,8 @@ def _show_front(
             document["curves"] = str(drawn)
         out.print_json(json.dumps(document))
         return
+    from approxtune import plots  # (matplotlib and plotly: not for --json)
+
     table = report.front_table(optuna_study)
     if table is None:
         out.print("No feasible complete trial yet.")
@@ -203,6 +221,8 @@ def _show_front(
 
 def _draw_curves(study: Study, optuna_study: optuna.Study, trials: str | None, artifacts: Path) -> Path:
     """``front --curves``: g, ``trials`` (default: fp32 and front trials spread over size) and their exports."""
+    from approxtune import plots, report
+
     numbers = report.parse_trials(trials) if trials else report.default_curve_trials(optuna_study)
     base = report.base_radii(study, optuna_study)
     curves, notes = report.curves(optuna_study, numbers, base, artifacts)
@@ -216,7 +236,7 @@ def _draw_curves(study: Study, optuna_study: optuna.Study, trials: str | None, a
 
 def cmd_front(args: argparse.Namespace) -> None:
     study = load_study(args.study)
-    optuna_study = search.load_existing_study(study)
+    optuna_study = load_existing_study(study)
     if optuna_study is None:
         raise ValueError(f"no study {study.name!r} in {study.storage}; run `approxtune tune {args.study}` first")
     curves = args.curves or args.trials is not None
@@ -228,6 +248,7 @@ _TUNED_FIRST = "export needs the model the study was tuned with (run `approxtune
 
 def cmd_export(args: argparse.Namespace) -> None:
     from approxtune import export
+    from approxtune.job import prepare
 
     study = load_study(args.study)
     job = prepare(
@@ -242,7 +263,7 @@ def cmd_export(args: argparse.Namespace) -> None:
             f"fp32); {attrs.get('summary', '')}",
             highlight=False,
         )
-        if not search.feasible(trial):
+        if not feasible(trial):
             reporter.warn(f"Trial {trial.number} violates the study's constraints (it is not feasible).")
 
     result = export.export_trial(
@@ -285,7 +306,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     out.print(
         f"Attached the exported files, front.png and front.html to trial {cert['trial']}, with its held-out ACR, "
         f"accuracy and "
-        f"export path as user attributes: optuna-dashboard {study.storage} --artifact-dir {export.artifact_dir(study)}",
+        f"export path as user attributes: optuna-dashboard {study.storage} --artifact-dir {study.artifact_dir}",
         highlight=False,
     )
 

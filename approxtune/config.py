@@ -24,10 +24,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from approxtune.approximation import PRECISIONS
+from approxtune.accounting import IRSSettings, Mode, Zeta
 from approxtune.errors import ApproxtuneError
-from approxtune.irs import IRSSettings, Mode, Zeta
-from approxtune.models import ARCHITECTURES
 
 __all__ = ["ConfigError", "Study", "keyword_table", "load_study"]
 
@@ -170,6 +168,10 @@ SECTIONS: dict[str, type] = {
     "irs": IRSSection,
     "search": SearchSection,
 }
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
+"""The weight precisions of the approximation space (:mod:`approxtune.approximation` implements them)."""
+ARCHITECTURES = ("digits-cnn", "cifar_resnet20", "cifar_resnet110", "resnet50")
+"""The built-in architectures' names (:data:`approxtune.models.ARCHITECTURES` builds them)."""
 DATASETS = ("digits", "cifar10", "imagefolder", "tensors", "python")
 MAX_SIGMA = 2e37
 """certify.sigma's upper bound: sigma * eps stays a float32 number (at most 3.4e38) for every normal the noise
@@ -215,6 +217,11 @@ class Study:
     @property
     def storage(self) -> str:
         return self.search.storage or f"sqlite:///{self.output_dir / 'study.db'}"
+
+    @property
+    def artifact_dir(self) -> Path:
+        """Where the study's Optuna artifacts live (``optuna-dashboard --artifact-dir``)."""
+        return self.output_dir / "artifacts"
 
     def cache_path(self, split: str) -> Path:
         """Base cache of the ``search`` or ``report`` inputs: ``base-<split>-sigma<σ>-n<n>-<key>.cache``.
@@ -468,7 +475,7 @@ def _validate_model(m: ModelSection) -> None:
     named = [f"model.{key} = {getattr(m, key)!r}" for key in ("arch", "factory", "torchvision") if getattr(m, key)]
     _require(len(named) <= 1, f"{' and '.join(named)}: name the model one way only (arch, factory or torchvision)")
     if m.arch:
-        _choice("model.arch", m.arch, tuple(ARCHITECTURES))
+        _choice("model.arch", m.arch, ARCHITECTURES)
     if m.factory:
         _require(
             bool(_CALLABLE.match(m.factory)),

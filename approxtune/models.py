@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from approxtune.config import ARCHITECTURES as ARCHITECTURE_NAMES
 from approxtune.errors import ApproxtuneError
 from approxtune.locking import temporary_name
 from approxtune.safeload import UnreadableFile, UnsafeFile, load_plain
@@ -194,12 +195,10 @@ def imagenet_resnet50() -> nn.Sequential:
     return nn.Sequential(NormalizeLayer(IMAGENET_MEAN, IMAGENET_SD), resnet50(weights=None))
 
 
-ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
-    "digits-cnn": DigitsCNN,
-    "cifar_resnet20": cifar_resnet20,
-    "cifar_resnet110": cifar_resnet110,
-    "resnet50": imagenet_resnet50,
-}
+ARCHITECTURES: dict[str, Callable[[], nn.Module]] = dict(
+    zip(ARCHITECTURE_NAMES, (DigitsCNN, cifar_resnet20, cifar_resnet110, imagenet_resnet50), strict=True)
+)
+"""The built-in architectures, by the names a study file uses (:data:`approxtune.config.ARCHITECTURES`)."""
 
 
 def build_model(arch: str) -> nn.Module:

@@ -1,7 +1,9 @@
 """The steps every command shares: the inputs of a study, its base model and its base caches.
 
-``ensure_model`` and ``ensure_cache`` make the study's artifacts exist — reusing what is on disk when it matches the
-study, (re)building it otherwise — so that ``approxtune tune`` runs from a fresh clone in one command.
+``load_inputs`` splits a study's data (a built-in dataset, a folder, or the user's own); ``ensure_model`` builds or
+loads its base model (training the embedded digits model when its checkpoint is missing); ``certify_split`` reuses a
+base cache that matches the study or certifies g once and writes it, after checking that the disk can hold it — so
+that ``approxtune tune`` runs from a fresh clone in one command.  :mod:`approxtune.job` puts them together.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -16,8 +18,8 @@ from matplotlib.transforms import Bbox
 from optuna.trial import TrialState
 
 from approxtune.report import Curve, base_row
-from approxtune.search import feasible, front
 from approxtune.statistics import certified_accuracy_curve
+from approxtune.trials import feasible, front
 
 __all__ = [
     "FRONT_FILES",
@@ -32,6 +34,8 @@ __all__ = [
 
 FRONT_FILES = ("front.png", "front.html")
 """What :func:`write_front` writes into the study's output directory."""
+DIGEST_FILE = "front.digest"
+"""Beside them: the :func:`front_digest` of the study they show."""
 LABEL_OFFSETS = ((5, 4), (5, -4), (-5, 4), (-5, -4), (0, 8), (0, -8), (9, 0), (-9, 0))
 """Where a point's label may go, in points from the point; the first that overlaps no earlier label is taken."""
 MARKER_RADII = {False: 2.5, True: 4.5}
@@ -254,10 +258,26 @@ def front_html(study: optuna.Study, path: str | Path) -> Path:
     return _write(path, lambda tmp: fig.write_html(tmp, include_plotlyjs=True, div_id="front"))
 
 
+def front_digest(study: optuna.Study) -> str:
+    """SHA-256 of everything the front plots show: the study's name and attributes and each complete trial's number,
+    values, feasibility and user attributes."""
+    trials = [(t.number, t.values, feasible(t), t.user_attrs) for t in _complete(study)]
+    text = json.dumps([study.study_name, study.user_attrs, trials], sort_keys=True, default=str)
+    return hashlib.sha256(f"{__name__} {len(FRONT_FILES)}|{text}".encode()).hexdigest()
+
+
 def write_front(study: optuna.Study, output_dir: str | Path) -> list[Path]:
-    """``front.png`` and ``front.html`` (:data:`FRONT_FILES`) in ``output_dir``."""
+    """``front.png`` and ``front.html`` (:data:`FRONT_FILES`) in ``output_dir``, drawn again only when what they show
+    changed (:func:`front_digest`, kept in ``front.digest``): drawing both takes about a second."""
     output_dir = Path(output_dir)
-    return [plot_front(study, output_dir / FRONT_FILES[0]), front_html(study, output_dir / FRONT_FILES[1])]
+    paths = [output_dir / name for name in FRONT_FILES]
+    digest, record = front_digest(study), output_dir / DIGEST_FILE
+    current = record.is_file() and record.read_text().strip() == digest and all(p.is_file() for p in paths)
+    if not current:
+        plot_front(study, paths[0])
+        front_html(study, paths[1])
+        _write(record, lambda tmp: tmp.write_text(digest + "\n"))
+    return paths
 
 
 def curves_figure(curves: list[Curve], title: str) -> Figure:

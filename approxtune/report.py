@@ -13,10 +13,9 @@ from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
 from optuna.trial import TrialState
 from rich.table import Table
 
-from approxtune.cache import CacheError, load_cache
 from approxtune.config import Study
-from approxtune.search import cache_fingerprint, front, trial_radii
 from approxtune.statistics import acr
+from approxtune.trials import front, trial_radii
 
 __all__ = [
     "Curve",
@@ -134,7 +133,7 @@ def front_table(study: optuna.Study) -> Table | None:
             f"{row['size_bytes']:,}",
             f"{row['size_ratio']:.1%}",
             "-" if row["confidence"] is None else f"{row['confidence']:.4g}",
-            layer_code(row["config"], row["baseline"]) if row["same_as"] is None else f"same as {row['same_as']}",
+            layer_code(row["config"], row["baseline"]),
         )
     table.caption = (
         f"{layer_legend(rows[0]['config'])} conf.: the probability with which each certificate holds (g's: Cohen's "
@@ -147,6 +146,9 @@ def front_table(study: optuna.Study) -> Table | None:
 def base_radii(config: Study, study: optuna.Study) -> np.ndarray | None:
     """g's certified radius on each search input, from the study's search cache; None when that cache is missing or
     is not the one the study was run against."""
+    # imported here: the cache module imports torch, which `approxtune front` without --curves never needs
+    from approxtune.cache import CacheError, cache_fingerprint, load_cache
+
     try:
         cache = load_cache(config.cache_path("search"))
     except CacheError:

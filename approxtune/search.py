@@ -43,18 +43,13 @@ after ``search.grace_period`` seconds another worker marks its trial FAIL and en
 
 from __future__ import annotations
 
-import base64
-import copy
 import hashlib
 import json
 import math
 import time
 import warnings
-import zlib
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 
 import numpy as np
 import optuna
@@ -72,12 +67,13 @@ from approxtune.approximation import (
     fp32_size_bytes,
     model_size_bytes,
 )
-from approxtune.cache import BaseCache, CacheMeta
+from approxtune.cache import BaseCache, CacheMeta, cache_fingerprint
 from approxtune.config import Study
 from approxtune.data import Inputs
 from approxtune.errors import ApproxtuneError
 from approxtune.irs import IRSRun
-from approxtune.locking import holder_gone, this_process
+from approxtune.storage import is_shared_storage, load_existing_study, masked_url, study_storage, worker_id
+from approxtune.trials import RESULT_ATTR, decode_radii, encode_radii, feasible
 
 __all__ = [
     "OBJECTIVES",
@@ -91,15 +87,9 @@ __all__ = [
     "earlier_result",
     "enqueue_baselines",
     "evaluate",
-    "front",
-    "is_shared_storage",
     "make_objective",
     "make_race",
-    "masked_url",
-    "storage",
     "study_attrs",
-    "trial_radii",
-    "worker_id",
 ]
 
 OBJECTIVES = ("ACR", "accuracy", "size_bytes")
@@ -129,10 +119,6 @@ def clean_accuracy(
 Values = tuple[float, float, int]
 """A trial's objectives: (ACR, accuracy, size in bytes)."""
 
-RESULT_ATTR = "approxtune:result"
-"""Trial system attribute holding a complete trial's exact result and its per-input radii (:meth:`TrialResult.record`);
-its user attributes are rounded for reading (:meth:`TrialResult.to_attrs`)."""
-
 
 def _rounded(value: float | None, digits: int = 4) -> float | None:
     return None if value is None or math.isnan(value) else round(value, digits)
@@ -142,16 +128,6 @@ def _rounded_up(value: float, digits: int = 4) -> float:
     """``value`` rounded up to ``digits`` decimals (an upper bound stays one); unchanged if already rounded."""
     shown = round(value, digits)
     return shown if shown >= value else round(shown + 10**-digits, digits)
-
-
-def encode_radii(radii: np.ndarray) -> str:
-    """The radii as text for a storage attribute: zlib-compressed little-endian float64, base64 (exact, a few KB)."""
-    return base64.b64encode(zlib.compress(np.asarray(radii, dtype="<f8").tobytes(), 9)).decode("ascii")
-
-
-def decode_radii(text: str) -> np.ndarray:
-    """Inverse of :func:`encode_radii`."""
-    return np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype="<f8").astype(np.float64)
 
 
 @dataclass
@@ -384,12 +360,6 @@ def suggest_config(trial: optuna.Trial, layers: Sequence[str], study: Study) -> 
     )
 
 
-def cache_fingerprint(cache: BaseCache | CacheMeta) -> str:
-    """SHA-256 of the cache's metadata, which determines its contents (model, inputs, sigma, n, alpha, seed)."""
-    meta = cache.meta if isinstance(cache, BaseCache) else cache
-    return hashlib.sha256(meta.to_json().encode()).hexdigest()
-
-
 def settings_attrs(study: Study, meta: CacheMeta) -> dict:
     """The part of :func:`study_attrs` known before certifying: the settings and the cache's fingerprint."""
     i = study.irs
@@ -455,171 +425,6 @@ def make_sampler(study: Study, seed: int | None = None) -> optuna.samplers.BaseS
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def feasible(trial: optuna.trial.FrozenTrial) -> bool:
-    """Whether the trial met the study's constraints (Optuna constraint values, feasible when all are <= 0)."""
-    return bool(trial.constraints) and all(v <= 0 for v in trial.constraints.values())
-
-
-def is_shared_storage(url: str) -> bool:
-    """Whether ``url`` names a database server that workers on several machines can share (anything but SQLite)."""
-    return not url.startswith("sqlite")
-
-
-def masked_url(url: str) -> str:
-    """``url`` with its password hidden, for messages."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url
-
-
-def worker_id() -> str:
-    """``host:pid`` of this process, recorded on every trial it runs (user attribute ``worker``)."""
-    return this_process()
-
-
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-"""Trials that count towards search.trials: a trial stopped by racing was a candidate evaluated."""
-
-
-def pending_retries(optuna_study: optuna.Study) -> int:
-    """WAITING copies of failed trials (retries enqueued by Optuna's stale-trial callback)."""
-    waiting = optuna_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-    return sum("failed_trial" in t.system_attrs for t in waiting)
-
-
-def fail_dead_local_trials(optuna_study: optuna.Study) -> list[int]:
-    """Fail, and enqueue a retry of, every RUNNING trial whose worker ran on this host and is no longer alive.
-
-    A worker records ``host:pid`` (:func:`worker_id`) when its trial starts; on this host, a pid that no longer
-    exists means the trial is dead now, so it need not wait for the heartbeat's grace period (which still applies to
-    other hosts).  The retry is Optuna's own (the storage's stale-trial callback), so the copy runs next and
-    records which trial it replaces.  Returns the numbers of the trials failed.
-    """
-    storage = optuna_study._storage  # the public API has no way to fail another process's trial
-    retry = (
-        storage.get_heartbeat_stale_trial_callback() if hasattr(storage, "get_heartbeat_stale_trial_callback") else None
-    )
-    failed = []
-    for trial in optuna_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if not holder_gone(str(trial.user_attrs.get("worker", ""))):
-            continue
-        try:
-            if not storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL):
-                continue
-        except optuna.exceptions.UpdateFinishedTrialError:  # another process failed it first
-            continue
-        failed.append(trial.number)
-        if retry is not None:
-            retry(optuna_study, storage.get_trial(trial._trial_id))
-    return failed
-
-
-_SCHEMA_LOCK = 0x617070726F78  # pg_advisory_lock key ("approx") serialising Optuna's table creation
-
-
-@contextmanager
-def _schema_lock(url: str) -> Iterator[None]:
-    """On PostgreSQL, hold an advisory lock while Optuna creates its tables: workers starting at once on an empty
-    database would otherwise race on CREATE TABLE (duplicate pg_type rows) and on the schema version rows."""
-    if not url.startswith("postgresql"):
-        yield
-        return
-    import sqlalchemy
-    from sqlalchemy.pool import NullPool
-
-    engine = sqlalchemy.create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 10})
-    try:
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": _SCHEMA_LOCK})
-            try:
-                yield
-            finally:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": _SCHEMA_LOCK})
-    finally:
-        engine.dispose()
-
-
-RETRY_KEEPS = ("baseline",)
-"""The user attributes a retry of a dead trial inherits; the others describe a run that did not finish."""
-
-
-def _fresh_retry(
-    retry: Callable[[optuna.Study, optuna.trial.FrozenTrial], None],
-) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
-    """Optuna's retry of a dead trial (a WAITING copy of its parameters and attributes), without what the dead trial
-    recorded of a result: its :data:`RESULT_ATTR`, its constraint values and its user attributes other than
-    :data:`RETRY_KEEPS`.  (A copy that inherited them would start with another run's result, and Optuna would ignore
-    its own constraint values as already set.)"""
-
-    def retry_afresh(optuna_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        clean = copy.copy(trial)
-        clean.system_attrs = {
-            k: v for k, v in trial.system_attrs.items() if k != RESULT_ATTR and not k.startswith("constraints")
-        }
-        clean.user_attrs = {k: v for k, v in trial.user_attrs.items() if k in RETRY_KEEPS}
-        retry(optuna_study, clean)
-
-    return retry_afresh
-
-
-def storage(
-    url: str, heartbeat_interval: int = 30, grace_period: int = 90, max_retry: int = 2
-) -> optuna.storages.BaseStorage:
-    """An RDB storage with heartbeats: a trial whose worker died is marked FAIL and enqueued again (twice at most).
-
-    Every ``heartbeat_interval`` seconds a running trial's worker records a heartbeat; a RUNNING trial without one for
-    ``grace_period`` seconds is stale: the next worker to start a trial fails it and enqueues a copy.  A storage that
-    cannot be reached or whose driver is missing raises ValueError naming the fix.
-    """
-    import sqlalchemy.exc
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = _fresh_retry(RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
-    # SQLite: wait for the file lock; a server: a worker outlives server restarts and idle-connection timeouts.
-    engine_kwargs: dict = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    if url.startswith("postgresql"):
-        engine_kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable host fails, instead of hanging
-    attempts = 5
-    for attempt in range(attempts):
-        try:
-            with _schema_lock(url), warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(
-                    url,
-                    heartbeat_interval=heartbeat_interval,
-                    grace_period=grace_period,
-                    heartbeat_stale_trial_callback=retry,
-                    engine_kwargs=engine_kwargs,
-                )
-        except ImportError as exc:
-            fix = _DRIVER_HINTS.get(url.split(":", 1)[0].split("+", 1)[0], "install the driver SQLAlchemy names")
-            raise ValueError(
-                f"the study storage {masked_url(url)} needs a database driver that is not installed ({exc}); {fix}"
-            ) from None
-        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
-            # Another process creating the tables at the same moment (SQLite, MySQL), or a server that is not up.
-            if attempt == attempts - 1:
-                reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-                raise ValueError(f"cannot open the study storage {masked_url(url)}: {reason}") from None
-            time.sleep(0.2 * 2**attempt)
-    raise AssertionError("unreachable")
-
-
-_DRIVER_HINTS = {
-    "postgresql": "for PostgreSQL: pip install 'approxtune[postgres]' (URL postgresql+psycopg2://...)",
-    "mysql": "for MySQL: pip install pymysql and use a mysql+pymysql://... URL",
-}
-
-
-def _storage_of(study: Study) -> optuna.storages.BaseStorage:
-    return storage(study.storage, study.search.heartbeat_interval, study.search.grace_period)
-
-
 SETUP_TIMEOUT = 60.0
 """Seconds a joining worker waits for the creator of the study to record its settings."""
 _SETUP_MARK = "cache_fingerprint"
@@ -646,7 +451,7 @@ def create_study(
     A joining worker waits (``setup_timeout`` seconds at most) for that fingerprint, checks ``attrs`` against what
     the study recorded, and samples with a seed of its own: workers seeded alike would propose the same trials.
     """
-    optuna_storage = _storage_of(study)
+    optuna_storage = study_storage(study)
     try:
         optuna_study = optuna.create_study(
             study_name=study.name,
@@ -742,17 +547,6 @@ def check_existing(study: Study, attrs: dict) -> None:
         _check_recorded(study, existing.user_attrs, attrs)
 
 
-def load_existing_study(study: Study) -> optuna.Study | None:
-    """The study's Optuna study if it exists (an SQLite file is not created when it is missing)."""
-    url = study.storage
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        return None
-    try:
-        return optuna.load_study(study_name=study.name, storage=_storage_of(study))
-    except KeyError:
-        return None
-
-
 def baseline_params(study: Study, layers: Sequence[str]) -> dict[str, dict]:
     """Parameters of fp32 and the paper's uniform approximations that the search space can express."""
     out = {}
@@ -834,15 +628,3 @@ def make_objective(
         return result.values
 
     return objective
-
-
-def trial_radii(trial: optuna.trial.FrozenTrial) -> np.ndarray | None:
-    """The certified radius of each search input a complete trial recorded, or None (a trial stopped by racing, or
-    recorded before approxtune kept radii)."""
-    return TrialResult.from_trial(trial).radii if RESULT_ATTR in trial.system_attrs else None
-
-
-def front(optuna_study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """The feasible Pareto-optimal trials, by decreasing ACR."""
-    trials = [t for t in optuna_study.best_trials if feasible(t)]
-    return sorted(trials, key=lambda t: (-t.values[0], t.values[2]))

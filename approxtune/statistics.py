@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy.stats import beta, norm
+from scipy.special import betaincinv, ndtri
 
 __all__ = [
     "acr",
@@ -50,7 +50,7 @@ def lower_confidence_bound(k: ArrayLike, n: ArrayLike, alpha: float) -> NDArray[
     """One-sided ``1 - alpha`` Clopper–Pearson lower bound on ``p`` from ``k`` successes in ``n`` trials."""
     k_arr, n_arr = _check(k, n, alpha)
     safe_k = np.maximum(k_arr, 1.0)
-    out = beta.ppf(alpha, safe_k, n_arr - safe_k + 1.0)
+    out = betaincinv(safe_k, n_arr - safe_k + 1.0, alpha)  # the alpha quantile of Beta(k, n - k + 1)
     return np.where(k_arr == 0, 0.0, out)
 
 
@@ -58,7 +58,7 @@ def upper_confidence_bound(k: ArrayLike, n: ArrayLike, alpha: float) -> NDArray[
     """One-sided ``1 - alpha`` Clopper–Pearson upper bound on ``p`` from ``k`` successes in ``n`` trials."""
     k_arr, n_arr = _check(k, n, alpha)
     safe_k = np.minimum(k_arr, n_arr - 1.0)
-    out = beta.ppf(1.0 - alpha, safe_k + 1.0, n_arr - safe_k)
+    out = betaincinv(safe_k + 1.0, n_arr - safe_k, 1.0 - alpha)  # the 1 - alpha quantile of Beta(k + 1, n - k)
     return np.where(k_arr == n_arr, 1.0, out)
 
 
@@ -146,7 +146,7 @@ def radius(p_lower: ArrayLike, sigma: float) -> NDArray[np.float64]:
         raise ValueError(f"sigma must be positive, got {sigma}")
     p = np.asarray(p_lower, dtype=np.float64)
     with np.errstate(invalid="ignore"):
-        r = sigma * norm.ppf(np.clip(p, 0.5, 1.0))
+        r = sigma * ndtri(np.clip(p, 0.5, 1.0))  # Phi^-1
     return np.where(p > 0.5, r, 0.0)
 
 

@@ -45,7 +45,7 @@ import optuna
 import torch
 from bench_sampler import hypervolume
 
-from approxtune import pipeline, search
+from approxtune import pipeline, search, storage
 from approxtune.approximation import ApproximationConfig, apply_approximation, fp32_size_bytes
 from approxtune.certification import certify
 from approxtune.config import load_study
@@ -110,7 +110,7 @@ def load_tuned(path: str):
     """``(study, optuna study, model, search inputs, base cache, base accuracy)`` of a study that has been tuned."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = load_study(path)
-    optuna_study = search.load_existing_study(study)
+    optuna_study = storage.load_existing_study(study)
     if optuna_study is None:
         raise SystemExit(f"no study yet: run `approxtune tune {path}` first")
     model = pipeline.ensure_model(study)

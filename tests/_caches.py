@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from approxtune.cache import CacheMeta, _file_checksum, _meta_checksum
+from approxtune.cache import CacheMeta, _file_checksum, cache_fingerprint
 
 
 def rewrite_meta(cache: Path, **changes) -> dict:
@@ -13,7 +13,7 @@ def rewrite_meta(cache: Path, **changes) -> dict:
     before = json.loads(file.read_text())
     data = {**before, **changes}
     checksums = dict(data.pop("checksums"))
-    checksums["meta"] = _meta_checksum(CacheMeta(**data))
+    checksums["meta"] = cache_fingerprint(CacheMeta(**data))
     file.write_text(json.dumps({**data, "checksums": checksums}, indent=2, sort_keys=True))
     return before
 

@@ -3,7 +3,7 @@
 import numpy as np
 import optuna
 
-from approxtune import search
+from approxtune import search, trials
 from approxtune.approximation import ApproximationConfig, LayerChoice
 
 LAYERS = ("conv1", "conv2", "fc1", "fc2")
@@ -32,9 +32,11 @@ def radii_for(acr: float, certified: int, seed: int) -> np.ndarray:
 def recorded(study: optuna.Study, acr: float, accuracy: float, size: int, cfg: ApproximationConfig, **kw):
     """``(values, user attributes, record)`` of a complete trial as the objective records one (rounded attributes,
     an exact record with radii); ``baseline`` names it, ``certified`` sets how many of its radii are positive,
-    ``same_as`` makes it a repeat of that trial (same radii and values)."""
+    ``same_as`` makes it a repeat of that trial (same radii and values), ``radii_of`` gives it that trial's radii
+    (another configuration at the same point)."""
     same_as = kw.get("same_as")
-    radii = radii_for(acr, kw.get("certified", 30), seed=len(study.trials) if same_as is None else same_as)
+    seed = kw.get("radii_of", len(study.trials) if same_as is None else same_as)
+    radii = radii_for(acr, kw.get("certified", 30), seed=seed)
     result = search.TrialResult(
         config=cfg,
         acr=float(np.mean(radii)),
@@ -62,7 +64,7 @@ def add_trial(study: optuna.Study, acr: float, accuracy: float, size: int, cfg: 
     trial = optuna.trial.create_trial(
         values=list(values),
         user_attrs=attrs,
-        system_attrs={search.RESULT_ATTR: record},
+        system_attrs={trials.RESULT_ATTR: record},
         constraints={"size_ratio": -0.1 if kw.get("feasible", True) else 0.2},
     )
     study.add_trial(trial)

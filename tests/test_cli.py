@@ -184,7 +184,10 @@ def test_dashboard_serves_the_study(tuned):
         ("[search]\ninclude = ['conv*', 'nope*']", "include pattern 'nope*' matches no compressible layer"),
         ("[certify]\nn = 10_000_000_000", "makes a cache of 2.0 TB (twice that while it is written), but"),
         ("[certify]\nbatch_size = 1_000_000_000_000", "certify.batch_size = 1,000,000,000,000 noisy inputs of 256"),
-        ("[study]\noutput_dir = 'bad.toml/runs'", "cannot write to bad.toml/runs: bad.toml is a file, not a directory"),
+        (
+            "[study]\noutput_dir = 'bad.toml/runs'",
+            "bad.toml is a file, not a directory; set study.output_dir elsewhere",
+        ),
     ],
 )
 @pytest.mark.parametrize("command", ["tune", "certify"])
@@ -572,7 +575,7 @@ def test_two_tunes_started_at_once_on_a_fresh_study_share_one_model_one_cache_an
     numbers = sorted(int(line.split()[1]) for err in errs for line in _tune_lines(err))
     assert numbers == list(range(9)), "each trial ran once, in one of the two processes"
     assert sorted(p.name for p in (tmp_path / "runs/tiny").iterdir()) == sorted(
-        ["model.pt", cache.name, "study.db", "front.png", "front.html"]
+        ["model.pt", cache.name, "study.db", "front.png", "front.html", "front.digest"]
     ), "no parts, locks or temporary files left"
 
 
@@ -582,11 +585,26 @@ def test_a_cache_written_before_checksums_is_certified_again_and_its_study_goes_
     meta = json.loads(good["meta.json"])
     del meta["checksums"]
     (cache / "meta.json").write_text(json.dumps(meta))
-    study_file.write_text(TINY.replace("trials = 9", "trials = 10"))
+    db = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs/tiny/study.db'}")
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    before = len(db.get_trials(states=finished))
+    study_file.write_text(TINY.replace("trials = 9", f"trials = {before + 1}"))
     capsys.readouterr()
     assert main_in(tmp_path, ["tune", str(study_file)]) == 0
     err = " ".join(capsys.readouterr().err.split())
     assert f"Rebuilding {study.cache_path('search')}: the base cache" in err and "has no checksums" in err
     assert {p.name: p.read_bytes() for p in cache.iterdir()} == good, "the same bytes, with checksums"
-    db = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs/tiny/study.db'}")
-    assert len(db.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))) == 10
+    assert len(db.get_trials(states=finished)) == before + 1, "the study goes on with the rebuilt cache"
+
+
+def test_front_and_help_do_not_import_torch(tuned):
+    """`approxtune front` starts without torch (seconds to import), numpy's scipy.stats or the export's onnx."""
+    root, study = tuned
+    code = (
+        "import sys; from approxtune.cli import main; code = main(['-q', 'front', sys.argv[1]]);"
+        "heavy = [m for m in ('torch', 'onnx', 'onnxruntime', 'scipy.stats', 'optuna_dashboard') if m in sys.modules];"
+        "print(code, heavy)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(study)], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "0 []"

@@ -10,6 +10,7 @@ from _wsgi import wsgi_get
 
 from approxtune import dashboard, search
 from approxtune.approximation import ApproximationConfig, LayerChoice
+from approxtune.trials import RESULT_ATTR
 
 LAYERS = ("conv1", "conv2", "fc1", "fc2")
 BASE = {"acr": 0.4228, "accuracy": 0.96}
@@ -140,4 +141,4 @@ def test_the_dashboard_shows_attributes_rounded_to_what_they_mean(served):
         }
     stopped = {a["key"]: a["value"] for a in trials[2]["user_attrs"]}
     assert stopped["layer conv1"] == "fp32" and stopped["size_bytes"].isdigit()
-    assert not any(a["key"] == search.RESULT_ATTR for a in trials[0]["user_attrs"]), "the exact record is not shown"
+    assert not any(a["key"] == RESULT_ATTR for a in trials[0]["user_attrs"]), "the exact record is not shown"

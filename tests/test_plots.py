@@ -6,7 +6,7 @@ import pytest
 from _fronts import FP32_SIZE, INPUTS, add_trial, config, empty_study, front_study
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from approxtune import plots, report, search
+from approxtune import plots, report, trials
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -18,11 +18,14 @@ def _labels(fig):
 
 def test_every_front_point_is_labelled_with_its_trial_number_at_its_position():
     study = front_study()
-    add_trial(study, 0.30, 0.90, 9_000, config("int4/0.3", "int4/0.5", "int4/0.5", "int8"), same_as=3)  # same point
+    other = config("int4/0.3", "int4/0.5", "int4/0.3", "int8")
+    add_trial(study, 0.30, 0.90, 9_000, other, radii_of=3)  # another configuration at trial 3's point
+    add_trial(study, 0.30, 0.90, 9_000, config("int4/0.3", "int4/0.5", "int4/0.5", "int8"), same_as=3)  # a repeat of 3
     fig = plots.front_figure(study)
     labels = _labels(fig)
-    front = search.front(study)
+    front = trials.front(study)
     assert {"0 fp32", "1 int8", "2", "3", "5", "6"} == set(labels), "front trials (with baseline names) only"
+    assert 7 not in {t.number for t in front}, "a repeated configuration is on the front once, as its first trial"
     for trial in front:
         name = trial.user_attrs.get("baseline")
         label = labels[f"{trial.number} {name}" if name else str(trial.number)]
@@ -71,7 +74,8 @@ def test_plot_front_and_the_html_are_written(tmp_path):
     text = html.read_text()
     assert '<div id="front"' in text and "Plotly.newPlot" in text
     assert '<script src="http' not in text and len(text) > 1_000_000, "plotly.js inside: it works offline"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["front.html", "front.png"], "no temporary file left"
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["front.digest", "front.html", "front.png"], "no temporary file left"
     first = html.read_bytes()
     plots.front_html(study, html)
     assert html.read_bytes() == first, "the same study writes the same bytes"
@@ -118,3 +122,17 @@ def test_certified_accuracy_curves_show_each_radius_share(tmp_path):
 
 def test_an_empty_study_still_plots():
     assert len(plots.front_figure(empty_study()).axes[0].texts) == 0
+
+
+def test_front_plots_are_drawn_again_only_when_the_study_changed(tmp_path):
+    study = front_study()
+    png, html = plots.write_front(study, tmp_path)
+    stamps = [png.stat().st_mtime_ns, html.stat().st_mtime_ns]
+    assert plots.write_front(study, tmp_path) == [png, html]
+    assert [png.stat().st_mtime_ns, html.stat().st_mtime_ns] == stamps, "unchanged study: nothing redrawn"
+    add_trial(study, 0.2, 0.99, 40_000, config("fp16", "fp16", "fp16", "fp16"))
+    plots.write_front(study, tmp_path)
+    assert png.stat().st_mtime_ns != stamps[0] and html.stat().st_mtime_ns != stamps[1], "a new trial: redrawn"
+    (tmp_path / "front.png").unlink()
+    plots.write_front(study, tmp_path)
+    assert (tmp_path / "front.png").is_file(), "a missing plot is drawn again"

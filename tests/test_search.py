@@ -1,8 +1,6 @@
 """The search objective and its racing: a stopped trial could not have reached the front, nothing else changes."""
 
 import dataclasses
-import sys
-import warnings
 
 import numpy as np
 import optuna
@@ -11,7 +9,7 @@ import torch
 from _mutants import mutant
 from _studies import prepared, tiny_study
 
-from approxtune import search, statistics
+from approxtune import search, statistics, trials
 from approxtune.approximation import apply_approximation
 from approxtune.irs import IRSRun
 
@@ -109,7 +107,7 @@ def test_racing_stops_only_dominated_trials_and_keeps_every_certificate_and_the_
 
 def _front_numbers(optuna_study):
     """The trials on the front, by number: a tied trial that racing dropped is missing here, not hidden by its twin."""
-    return {t.number for t in search.front(optuna_study)}
+    return {t.number for t in trials.front(optuna_study)}
 
 
 def _one_layer(layer, precision):
@@ -289,7 +287,7 @@ def test_a_complete_trial_records_its_exact_result_and_radii_and_shows_rounded_a
     assert result.values == tuple(trial.values) and result.same_as is None
     config = search.ApproximationConfig.from_dict(trial.user_attrs["config"])
     exact = search.evaluate(model, config, inputs, cache, study)
-    assert np.array_equal(result.radii, exact.radii) and np.array_equal(search.trial_radii(trial), exact.radii)
+    assert np.array_equal(result.radii, exact.radii) and np.array_equal(trials.trial_radii(trial), exact.radii)
     assert len(result.radii) == len(cache) and statistics.acr(result.radii) == trial.values[0]
     assert (result.size_ratio, result.certified_accuracy) == (exact.size_ratio, exact.certified_accuracy)
     attrs = trial.user_attrs
@@ -330,41 +328,3 @@ def test_an_upper_bound_is_rounded_up_and_rounding_again_changes_nothing():
         shown = search._rounded_up(float(value))
         assert shown >= value and shown - value < 1e-4 + 1e-12 and shown == round(shown, 4)
         assert search._rounded_up(shown) == shown
-
-
-@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
-def test_a_retry_of_a_dead_trial_inherits_its_parameters_and_baseline_but_nothing_of_its_result(tmp_path):
-    """Optuna's retry copied the dead trial's system attributes: its constraint values (so Optuna ignored the retry's
-    own, warning "The constraint value is ignored because this constraint ... is already set") and its result."""
-    storage = search.storage(f"sqlite:///{tmp_path / 's.db'}")
-    study = optuna.create_study(storage=storage, directions=list(search.DIRECTIONS))
-    study.enqueue_trial({"fc.precision": "int8"}, user_attrs={"baseline": "int8"})
-    dead = study.ask()
-    dead.suggest_categorical("fc.precision", ["fp32", "int8"])
-    dead.set_user_attr("worker", "elsewhere:1")
-    dead.set_user_attr("acr", 0.5)
-    storage.set_trial_system_attr(dead._trial_id, search.RESULT_ATTR, '{"acr": 0.5}')
-    dead.set_constraint("accuracy_drop", 0.25)
-    storage.set_trial_state_values(dead._trial_id, state=optuna.trial.TrialState.FAIL)  # its worker died
-    storage.get_heartbeat_stale_trial_callback()(study, storage.get_trial(dead._trial_id))
-
-    (retry,) = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
-    assert retry.params == {"fc.precision": "int8"} and retry.user_attrs == {"baseline": "int8"}
-    assert retry.system_attrs["failed_trial"] == dead.number and retry.system_attrs["retry_history"] == [dead.number]
-    assert search.RESULT_ATTR not in retry.system_attrs
-    assert not [key for key in retry.system_attrs if key.startswith("constraints")]
-    assert storage.get_trial(dead._trial_id).system_attrs[search.RESULT_ATTR] == '{"acr": 0.5}', "the dead one keeps"
-
-    trial = study.ask()
-    assert trial.number == retry.number and trial.suggest_categorical("fc.precision", ["fp32", "int8"]) == "int8"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # "The constraint value is ignored ..." would raise
-        trial.set_constraint("accuracy_drop", -0.1)
-    study.tell(trial, (0.4, 0.9, 100))
-    assert study.trials[retry.number].constraints == {"accuracy_drop": -0.1}
-
-
-def test_a_mysql_url_without_its_driver_gets_the_mysql_hint(monkeypatch):
-    monkeypatch.setitem(sys.modules, "MySQLdb", None)  # SQLAlchemy's default MySQL driver, made missing
-    with pytest.raises(ValueError, match=r"needs a database driver .*; for MySQL: pip install pymysql and use a "):
-        search.storage("mysql://u:secret@127.0.0.1/db")

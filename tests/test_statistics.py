@@ -371,3 +371,22 @@ def test_betting_bound_follows_its_definition(top: float) -> None:
 def test_betting_bound_bad_arguments_raise(x, seen, n, alpha, top, match) -> None:
     with pytest.raises(ValueError, match=match):
         betting_lower_bound(x, seen, n, alpha, top=top)
+
+
+def test_bounds_and_radii_are_scipy_stats_quantiles_bit_for_bit():
+    """The bounds call scipy.special's inverse regularised incomplete beta and ndtri (light to import); they are
+    exactly scipy.stats' beta.ppf and norm.ppf, so caches and certificates do not change by a bit."""
+    from scipy.stats import beta, norm
+
+    rng = np.random.default_rng(0)
+    n = rng.integers(1, 100_000, 20_000)
+    k = np.minimum(rng.integers(0, 100_000, 20_000), n)
+    for alpha in (1e-4, 1e-3, 0.05, 0.3):
+        safe = np.maximum(k, 1)
+        expected_lower = np.where(k == 0, 0.0, beta.ppf(alpha, safe, n - safe + 1))
+        assert np.array_equal(lower_confidence_bound(k, n, alpha), expected_lower)
+        top = np.minimum(k, n - 1)
+        expected_upper = np.where(k == n, 1.0, beta.ppf(1 - alpha, top + 1, n - top))
+        assert np.array_equal(upper_confidence_bound(k, n, alpha), expected_upper)
+    p = rng.uniform(0.5, 1, 20_000)
+    assert np.array_equal(radius(p, 0.5), np.where(p > 0.5, 0.5 * norm.ppf(p), 0.0))

@@ -22,7 +22,6 @@ The modules: :mod:`~approxtune.export.format` (the directory's own format, :func
 """
 
 from approxtune.export import artifacts
-from approxtune.export.artifacts import artifact_dir
 from approxtune.export.certificate import RECHECK_MODES, certificate_table
 from approxtune.export.format import ExportError, OutputExistsError, load_model
 from approxtune.export.runtimes import RUNTIMES
@@ -38,7 +37,6 @@ __all__ = [
     "OutputExistsError",
     "TrialSelectionError",
     "VerifyResult",
-    "artifact_dir",
     "artifacts",
     "certificate_table",
     "export_model",

@@ -16,15 +16,10 @@ from typing import Any
 from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
 from optuna.storages import RDBStorage
 
-__all__ = ["ARTIFACT_MAX_BYTES", "artifact_dir", "attach_artifacts", "set_export_attrs"]
+__all__ = ["ARTIFACT_MAX_BYTES", "attach_artifacts", "set_export_attrs"]
 
 ARTIFACT_MAX_BYTES = 32 * 2**20
 """Exported files larger than this (32 MiB) are not copied into the artifact store: the export directory has them."""
-
-
-def artifact_dir(study: Any) -> Path:
-    """Where the study's Optuna artifacts live: ``<output_dir>/artifacts`` (``optuna-dashboard --artifact-dir``)."""
-    return study.output_dir / "artifacts"
 
 
 class _FinishedTrialStorage(RDBStorage):
@@ -50,7 +45,7 @@ def attach_artifacts(study: Any, trial: Any, files: list[Path]) -> tuple[list[st
     A file larger than :data:`ARTIFACT_MAX_BYTES` is left out.  A file whose name and bytes equal an artifact the
     trial already has is not uploaded again (a repeated export).
     """
-    store_dir = artifact_dir(study)
+    store_dir = study.artifact_dir
     store_dir.mkdir(parents=True, exist_ok=True)
     store = FileSystemArtifactStore(base_path=store_dir)
     ids, too_big = [], []

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from approxtune import pipeline, plots
 from approxtune.approximation import ApproximationConfig
-from approxtune.cache import CacheDamagedError, CacheError, load_cache
+from approxtune.cache import CacheDamagedError, CacheError, cache_fingerprint, load_cache
 from approxtune.export.artifacts import attach_artifacts, set_export_attrs
 from approxtune.export.certificate import (
     CERTIFICATE_FORMAT,
@@ -39,7 +39,9 @@ from approxtune.export.runtimes import load_deployable, select_runtimes
 from approxtune.export.writer import ExportResult, check_output, export_model
 from approxtune.irs import certify_irs
 from approxtune.job import Job
-from approxtune.search import cache_fingerprint, clean_accuracy, front, load_existing_study
+from approxtune.search import clean_accuracy
+from approxtune.storage import load_existing_study
+from approxtune.trials import front
 
 __all__ = ["TrialSelectionError", "export_trial", "select_trial"]
 
@@ -80,7 +82,7 @@ def select_trial(
 ) -> tuple[Any, str]:
     """The trial to export and why: trial number ``trial``, or the smallest front model satisfying the rule.
 
-    The rule keeps Pareto-front trials (``search.front``: feasible, non-dominated) with search ACR >= ``min_acr``
+    The rule keeps Pareto-front trials (``front``: feasible, non-dominated) with search ACR >= ``min_acr``
     and clean accuracy >= the study's base accuracy - ``max_accuracy_drop`` (both when both are given), and picks the
     smallest; ties go to the higher ACR, then the higher accuracy, then the lower trial number.
     """
@@ -198,7 +200,7 @@ def export_trial(
     checkpoint) runs before anything is written.  Then f^p is exported (:func:`export_model`: the compressed weights
     and the deployables of ``runtime``), replayed on the search set, and each deployable is re-certified in its
     runtime on the study's report inputs -- ``recheck="irs"``: IRS against the report base cache (built by
-    ``pipeline.ensure_cache`` if needed; an estimate of its cost is logged first); ``"scratch"``: Cohen's CERTIFY on
+    ``pipeline.certify_split`` if needed; an estimate of its cost is logged first); ``"scratch"``: Cohen's CERTIFY on
     noise stream FRESH.  The exported files go onto the trial as Optuna artifacts (those up to
     :data:`~approxtune.export.artifacts.ARTIFACT_MAX_BYTES`), with the front plot; the held-out ACR and accuracy
     (the lowest over the runtimes) and the export's path become user attributes of the trial.

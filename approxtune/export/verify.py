@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from approxtune import pipeline
-from approxtune.cache import CacheDamagedError, CacheError, load_cache
+from approxtune.cache import CacheDamagedError, CacheError, cache_fingerprint, load_cache
 from approxtune.config import Study, load_study
 from approxtune.export.certificate import (
     CERTIFICATE_FORMAT,
@@ -36,7 +36,6 @@ from approxtune.export.certificate import (
 )
 from approxtune.export.format import CERTIFICATE, ExportError, check_files, file_record, read_config, read_json
 from approxtune.export.runtimes import load_deployable, select_runtimes
-from approxtune.search import cache_fingerprint
 
 __all__ = ["RuntimeCheck", "VerifyResult", "verify"]
 

@@ -26,8 +26,8 @@ from approxtune.cache import model_fingerprint
 from approxtune.cli import main
 from approxtune.config import load_study
 from approxtune.models import load_checkpoint
-from approxtune.search import front
 from approxtune.statistics import certified_accuracy, certified_accuracy_curve
+from approxtune.trials import front
 
 EXPORT_FILES = {"weights.bin", "index.json", "config.json", "model.onnx", "model.pt2", "certificate.json"}
 
