@@ -16,7 +16,6 @@ command line, whose ``tune``, ``certify`` and ``export`` call these functions.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,24 +27,16 @@ from optuna.trial import TrialState
 from torch import nn
 
 from approxtune import guided, pipeline, report, search
+from approxtune.budget import TrialBudget
 from approxtune.cache import BaseCache, CacheError, load_cache
 from approxtune.config import Study
 from approxtune.export import ExportResult, export_trial
 from approxtune.job import Job, prepare
 from approxtune.progress import Reporter
-from approxtune.storage import (
-    StopWhenDone,
-    fail_dead_local_trials,
-    is_shared_storage,
-    masked_url,
-    pending_retries,
-    worker_id,
-)
+from approxtune.storage import is_shared_storage, masked_url, worker_id
 from approxtune.trials import FINISHED
 
 __all__ = ["Certification", "TuneResult", "certify", "settings", "tune"]
-
-FINISHED = FINISHED
 
 StudyLike = Study | dict | str | Path | None
 
@@ -142,8 +133,12 @@ def _shared_cache(job: Job) -> BaseCache:
     return cache
 
 
-def certify_job(job: Job, split: str, reporter: Reporter, *, shared: bool = False) -> Certification:
-    """Load the base cache of ``split`` if it matches the job, else certify g and write it (with a progress bar)."""
+def certify_job(
+    job: Job, split: str, reporter: Reporter, *, shared: bool = False, repair: bool = False
+) -> Certification:
+    """Load the base cache of ``split`` if it matches the job, else certify g and write it (with a progress bar).
+
+    A damaged cache is set aside and certified again when ``repair`` (``certify``), else refused (``tune``)."""
     if shared:
         cache = _shared_cache(job)
         reporter.info(f"Reusing the base cache {job.study.cache_path(split)} (read-only)")
@@ -158,6 +153,7 @@ def certify_job(job: Job, split: str, reporter: Reporter, *, shared: bool = Fals
         device=job.device,
         progress=reporter.progress,
         say=reporter.info,
+        repair=repair,
     )
     return Certification(cache, search.clean_accuracy(job.model, inputs, job.device), built, split)
 
@@ -175,13 +171,19 @@ def certify(
 ) -> Certification:
     """Certify the smoothed base model g once on the ``search`` (or held-out ``report``) inputs and cache it.
 
-    Reuses a cache that matches; resumes an interrupted certification.  Arguments as for :func:`tune`.
+    Reuses a cache that matches; resumes an interrupted certification; sets a damaged cache aside and certifies it
+    again.  Arguments as for :func:`tune`.
     """
     reporter = reporter or Reporter(quiet=not verbose)
     job = prepare(
-        settings(study, data, **keywords), model=model, data=data, device=device, train_progress=reporter.progress
+        settings(study, data, **keywords),
+        model=model,
+        data=data,
+        device=device,
+        train_progress=reporter.progress,
+        say=reporter.info,
     )
-    return certify_job(job, split, reporter)
+    return certify_job(job, split, reporter, repair=True)
 
 
 def tune(
@@ -221,6 +223,7 @@ def tune(
         device=device,
         train_progress=reporter.progress,
         no_training=refusal if shared else None,
+        say=reporter.info,
     )
     return tune_job(job, reporter, callbacks=callbacks, shared=shared)
 
@@ -250,39 +253,34 @@ def tune_job(
             f"search.trials = {study.search.trials} is below the {len(opened.enqueued)} baselines: only baselines will "
             "run; raise search.trials to search beyond them (or set search.baselines = false)"
         )
-    dead = fail_dead_local_trials(optuna_study)
-    if dead:
-        reporter.warn(f"Trial(s) {', '.join(map(str, dead))} died with their worker on this host: failed, run again.")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        # Optuna checks for stale trials only when a trial starts; a study that needs no more trials would otherwise
-        # keep the trial of a worker that died near its end RUNNING for ever.
-        optuna.storages.fail_stale_trials(optuna_study)
-    done = len(optuna_study.get_trials(deepcopy=False, states=FINISHED))
-    remaining = max(study.search.trials - done, pending_retries(optuna_study))  # retries run before the end
-    how = f"created it; baselines: {', '.join(opened.enqueued) or 'none'}" if opened.created else "joined it"
-    reporter.info(
-        f"Study {study.name!r} ({masked_url(study.storage)}): worker {worker_id()} {how}; "
-        f"{done} trials done, running up to {remaining}; {len(layers)} layers searched; "
-        f"certificates hold with probability >= {attrs['confidence']:.4g}."
-    )
-    if remaining:
-        fp32_size = attrs["fp32_size_bytes"]
-        with reporter.progress("trials", remaining) as advance:
 
-            def on_result(trial: optuna.Trial, result: search.TrialResult | search.Stopped) -> None:
-                reporter.info(f"trial {trial.number:3d}  {_trial_line(result, fp32_size)}")
-                advance(1)
+    def on_dead(numbers: list[int]) -> None:
+        dead = ", ".join(map(str, numbers))
+        reporter.warn(f"Trial(s) {dead} died with their worker on this host: failed, run again.")
 
-            objective = search.make_objective(
-                study, job.model, job.inputs("search"), cache, base_accuracy, job.device, on_result
-            )
-            optuna_study.optimize(
-                objective,
-                n_trials=remaining,
-                timeout=study.search.timeout or None,
-                callbacks=[*callbacks, StopWhenDone(study.search.trials)],
-            )
+    with TrialBudget(study.output_dir / f"{study.name}.trials.lock", study.search.trials, on_dead) as budget:
+        remaining = budget.open(optuna_study)  # the study's trials left, retries of failed ones included
+        done = len(optuna_study.get_trials(deepcopy=False, states=FINISHED))
+        how = f"created it; baselines: {', '.join(opened.enqueued) or 'none'}" if opened.created else "joined it"
+        reporter.info(
+            f"Study {study.name!r} ({masked_url(study.storage)}): worker {worker_id()} {how}; "
+            f"{done} trials done, running up to {remaining}; {len(layers)} layers searched; "
+            f"certificates hold with probability >= {attrs['confidence']:.4g}."
+        )
+        if remaining:
+            fp32_size = attrs["fp32_size_bytes"]
+            with reporter.progress("trials", remaining) as advance:
+
+                def on_result(trial: optuna.Trial, result: search.TrialResult | search.Stopped) -> None:
+                    reporter.info(f"trial {trial.number:3d}  {_trial_line(result, fp32_size)}")
+                    advance(1)
+
+                objective = search.make_objective(
+                    study, job.model, job.inputs("search"), cache, base_accuracy, job.device, on_result
+                )
+                optuna_study.optimize(
+                    budget.objective(objective), timeout=study.search.timeout or None, callbacks=[*callbacks, budget]
+                )
     finished = optuna_study.get_trials(deepcopy=False, states=FINISHED)
     stopped = sum(t.state == TrialState.PRUNED for t in finished)
     if stopped:

@@ -13,6 +13,14 @@ On-disk format (version 2): a directory holding ``meta.json`` and one ``.npy`` f
     seed.npy          uint64  (N, 2)  noise seed of the input: (run seed, dataset index) (see approxtune.noise)
     predictions.npy   uint8/16 (N, n) f's class on each estimation sample, in sample order
 
+``meta.json`` also holds ``checksums``: the SHA-256 and byte count of every ``.npy`` file, and the SHA-256 of the
+metadata itself (:meth:`CacheMeta.to_json`).  :func:`load_cache` checks them all before it returns a cache, so no
+trial is ever scored on damaged arrays: a truncated or changed file, a missing one or metadata that is not valid JSON
+raise :class:`CacheDamagedError` naming the file (``approxtune certify`` sets such a cache aside and certifies again,
+:func:`set_aside`).  Hashing every byte once costs about 0.6 ms per MB of cache on one core, 2 ms for the default
+digits cache and 0.6 s for a 1 GB one (``benchmarks/cache_verify_results.md``).  A cache written before caches carried
+checksums cannot be verified and is certified again.
+
 ``noise_generator`` names what made the noise (:data:`approxtune.noise.NOISE_GENERATOR`) and ``noise_canary`` is
 :func:`approxtune.noise.canary` on the machine that certified: a cache is loaded only where both are reproduced, so it
 is never replayed against other noise than the one it was certified with.  Format 1 (noise from torch's generator,
@@ -28,9 +36,15 @@ was never interrupted (per-input noise makes every chunk independent of the othe
 chunks ``i, i + k, i + 2k, ...`` into ``<cache>.partial/`` (on storage the shards share, or copied together
 afterwards), and :func:`merge_base_cache` concatenates all chunks exactly as :func:`build_base_cache` does at its
 end, so the merged cache is byte-identical to a one-process run.  Every chunk file records the settings it was
-certified with; a merge refuses chunks of other settings (model, inputs, sigma, n, ...), chunks that do not line up
-with the cut (overlapping parts) and missing chunks.  Chunk files are written under a per-process name and renamed
-into place, so two processes that certify the same chunk (the same shard started twice) cannot corrupt it.
+certified with and the SHA-256 of each of its arrays; a merge refuses chunks of other settings (model, inputs, sigma,
+n, ...), damaged chunks, chunks that do not line up with the cut (overlapping parts) and missing chunks, and a
+one-process build certifies such chunks again.  Chunk files are written under a per-process name and renamed into
+place, so two processes that certify the same chunk (the same shard started twice) cannot corrupt it.
+
+**Processes started at once.**  Building, sharding and merging one cache hold its lock file ``<cache>.lock``
+(:func:`build_lock`, :mod:`approxtune.locking`): a build or a merge holds it alone, shards share it.  So a second
+``tune`` on a fresh study waits while the first certifies, then reuses its cache; a shard never writes into a
+``<cache>.partial/`` that a finished build is removing; a shard or merge that waited finds the cache complete.
 """
 
 from __future__ import annotations
@@ -40,8 +54,9 @@ import json
 import os
 import re
 import shutil
-import socket
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -52,18 +67,22 @@ from torch import nn
 from approxtune.certification import DEFAULT_BATCH_SIZE, certify
 from approxtune.data import Inputs
 from approxtune.errors import ApproxtuneError
+from approxtune.locking import file_lock, remove_leftovers, temporary_name
 from approxtune.noise import DEFAULT_BLOCK_SIZE, NOISE_GENERATOR, canary, input_seeds
 from approxtune.statistics import acr, certified_accuracy
 
 __all__ = [
     "FORMAT_VERSION",
+    "SAME_CACHE",
     "BaseCache",
+    "CacheDamagedError",
     "CacheError",
     "CacheMeta",
     "CertifySettings",
     "NoiseMismatchError",
     "ShardResult",
     "build_base_cache",
+    "build_lock",
     "cache_fingerprint",
     "cache_meta",
     "certify_shard",
@@ -73,6 +92,7 @@ __all__ = [
     "merge_base_cache",
     "model_fingerprint",
     "parse_shard",
+    "set_aside",
 ]
 
 FORMAT_VERSION = 2
@@ -87,6 +107,21 @@ class CacheError(ApproxtuneError):
 
 class NoiseMismatchError(CacheError):
     """A cache whose noise this installation cannot reproduce: it must not be replayed, nor silently rebuilt."""
+
+
+class CacheDamagedError(CacheError):
+    """A cache whose files are not the ones it was written with: missing, truncated, changed or unreadable.
+
+    ``path`` is the cache, ``problem`` says which file and how; the message adds ``fix``.
+    """
+
+    def __init__(self, path: Path, problem: str, fix: str = "") -> None:
+        self.path, self.problem = Path(path), problem
+        fix = fix or f"`approxtune certify STUDY.toml` sets it aside and certifies it again ({SAME_CACHE})"
+        super().__init__(f"the base cache {path} is damaged: {problem}; {fix}")
+
+
+SAME_CACHE = "the same settings give the same cache"
 
 
 _FORMAT_HINTS = {
@@ -237,6 +272,13 @@ class BaseCache:
             raise CacheError("the base cache does not belong to this study:\n  " + "\n  ".join(diffs))
 
 
+def _file_checksum(file: Path) -> dict[str, int | str]:
+    """Byte count and SHA-256 of a file, read in blocks (a memory-mapped array is never loaded whole)."""
+    with open(file, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"bytes": file.stat().st_size, "sha256": digest}
+
+
 def cache_fingerprint(cache: BaseCache | CacheMeta) -> str:
     """SHA-256 of the cache's metadata, which determines its contents (model, inputs, sigma, n, alpha, seed)."""
     meta = cache.meta if isinstance(cache, BaseCache) else cache
@@ -244,10 +286,14 @@ def cache_fingerprint(cache: BaseCache | CacheMeta) -> str:
 
 
 def _write_arrays(directory: Path, arrays: dict[str, np.ndarray], meta: CacheMeta) -> None:
+    """The cache's ``.npy`` files, then ``meta.json`` with the checksums of the files as written and of ``meta``."""
     directory.mkdir(parents=True)
+    checksums: dict[str, object] = {"meta": cache_fingerprint(meta)}
     for name in ARRAYS:
-        np.save(directory / f"{name}.npy", arrays[name], allow_pickle=False)
-    (directory / "meta.json").write_text(meta.to_json())
+        file = directory / f"{name}.npy"
+        np.save(file, arrays[name], allow_pickle=False)
+        checksums[file.name] = _file_checksum(file)
+    (directory / "meta.json").write_text(json.dumps({**asdict(meta), "checksums": checksums}, indent=2, sort_keys=True))
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -263,22 +309,117 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def load_cache(path: str | Path, mmap: bool = True) -> BaseCache:
-    """Load a cache directory written by :func:`build_base_cache` (``predictions`` memory-mapped if ``mmap``)."""
+    """Load a cache directory written by :func:`build_base_cache` (``predictions`` memory-mapped if ``mmap``).
+
+    Every file is checked against the checksums in ``meta.json`` first (:class:`CacheDamagedError` names the file
+    that differs); a cache of another format or without checksums raises :class:`CacheError` (certify it again),
+    one whose noise this installation cannot reproduce :class:`NoiseMismatchError`.
+    """
     path = Path(path)
-    if not (path / "meta.json").is_file():
+    if not path.exists():
         raise CacheError(f"no base cache at {path}; create it with `approxtune certify STUDY.toml`")
-    meta = CacheMeta.from_json((path / "meta.json").read_text(), f"the base cache {path}")
+    meta, checksums = _read_sealed_meta(path)
     check_noise(meta, f"the base cache {path}")
     arrays = {}
     for name in ARRAYS:
         file = path / f"{name}.npy"
-        if not file.is_file():
-            raise CacheError(f"base cache {path} is incomplete: {file.name} is missing")
-        arrays[name] = np.load(file, mmap_mode="r" if mmap and name == "predictions" else None, allow_pickle=False)
+        _verify_file(path, file, checksums.get(file.name))
+        try:
+            arrays[name] = np.load(file, mmap_mode="r" if mmap and name == "predictions" else None, allow_pickle=False)
+        except (OSError, ValueError) as exc:  # not with the bytes the checksum vouches for, but never a traceback
+            raise CacheDamagedError(path, f"{file.name} cannot be read ({exc})") from None
     for name, shape in (("predictions", (meta.num_inputs, meta.n)), ("seed", (meta.num_inputs, 2))):
         if arrays[name].shape != shape:
-            raise CacheError(f"base cache {path} is malformed: {name} has shape {arrays[name].shape}, not {shape}")
+            raise CacheDamagedError(path, f"{name}.npy has shape {arrays[name].shape}, not {shape}")
     return BaseCache(meta=meta, **arrays)
+
+
+def _read_sealed_meta(path: Path) -> tuple[CacheMeta, dict]:
+    """``meta.json`` of the cache at ``path``: its metadata (checked against its own checksum) and the checksums."""
+    file = path / "meta.json"
+    if not path.is_dir():
+        raise CacheDamagedError(path, "it is a file, not a cache directory")
+    if not file.is_file():
+        raise CacheDamagedError(path, "meta.json is missing")
+    try:
+        data = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CacheDamagedError(path, f"meta.json is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CacheDamagedError(path, f"meta.json holds a {type(data).__name__}, not an object")
+    _check_format(data, f"the base cache {path}")
+    checksums = data.pop("checksums", None)
+    if checksums is None:
+        raise CacheError(
+            f"the base cache {path} has no checksums (approxtune wrote caches without them before it verified "
+            f"them), so its files cannot be verified: {_RECERTIFY} ({SAME_CACHE}, with checksums)"
+        )
+    names = {f.name for f in fields(CacheMeta)}
+    if not isinstance(checksums, dict) or set(data) != names:
+        raise CacheDamagedError(path, f"meta.json has keys {sorted(data)}, expected {sorted(names | {'checksums'})}")
+    try:
+        meta = CacheMeta(**data)
+    except TypeError as exc:
+        raise CacheDamagedError(path, f"meta.json is malformed ({exc})") from None
+    if checksums.get("meta") != cache_fingerprint(meta):
+        raise CacheDamagedError(path, "meta.json does not match its checksum (a value in it was changed)")
+    return meta, checksums
+
+
+def _verify_file(path: Path, file: Path, recorded: object) -> None:
+    """Raise :class:`CacheDamagedError` unless ``file`` has the byte count and SHA-256 ``recorded``."""
+    if not file.is_file():
+        raise CacheDamagedError(path, f"{file.name} is missing")
+    if not isinstance(recorded, dict) or set(recorded) != {"bytes", "sha256"}:
+        raise CacheDamagedError(path, f"meta.json records no checksum of {file.name}")
+    size = file.stat().st_size
+    if size != recorded["bytes"]:
+        written = recorded["bytes"]
+        raise CacheDamagedError(path, f"{file.name} has {size:,} bytes, {written:,} were written (truncated?)")
+    if _file_checksum(file)["sha256"] != recorded["sha256"]:
+        raise CacheDamagedError(path, f"{file.name} does not match its SHA-256 checksum (changed on disk)")
+
+
+def set_aside(path: str | Path) -> Path:
+    """Rename the cache at ``path`` to ``<cache>.damaged-<time>`` (kept for inspection); returns the new name."""
+    path = Path(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = path.with_name(f"{path.name}.damaged-{stamp}")
+    number = 1
+    while aside.exists():
+        number += 1
+        aside = path.with_name(f"{path.name}.damaged-{stamp}-{number}")
+    os.replace(path, aside)
+    return aside
+
+
+def _lock_file(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+@contextmanager
+def build_lock(path: str | Path, *, shared: bool = False, say: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the lock of the cache at ``path`` (``<cache>.lock``): alone to build or merge it, ``shared`` to certify
+    a shard into ``<cache>.partial/``.  ``say`` is told whom it waits for."""
+    path = Path(path)
+    what = f"certifies {path}" if not shared else f"certifies shards of {path}"
+    with file_lock(_lock_file(path), shared=shared, say=say, what=what):
+        yield
+
+
+def _remove_leftovers(path: Path) -> None:
+    """What killed processes of this host left: a half-written cache, half-written chunks (under the lock)."""
+    remove_leftovers(path.parent, re.escape(path.name))
+    remove_leftovers(_partial_dir(path), r"chunk-\d{9}-\d{9}|meta\.json")
+
+
+def _complete(path: Path, meta: CacheMeta) -> BaseCache | None:
+    """The cache at ``path`` if it is complete, intact and of ``meta``'s settings (another process finished it)."""
+    try:
+        cache = load_cache(path)
+    except CacheError:
+        return None
+    return cache if not cache.meta.differences(meta) else None
 
 
 def chunk_ranges(num_inputs: int, samples_per_input: int) -> list[tuple[int, int]]:
@@ -312,6 +453,8 @@ class ShardResult:
     chunks_done: int = 0
     chunks_total: int = 0
     partial: Path = Path()
+    merged: bool = False
+    """The cache was complete already (another process merged or built it): nothing was certified."""
 
     @property
     def complete(self) -> bool:
@@ -353,11 +496,6 @@ def _partial_dir(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
-def _process_tag() -> str:
-    """Unique among the processes that may write one directory on shared storage at the same time."""
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
 def _read_meta(partial: Path) -> CacheMeta | None:
     """The settings recorded in ``partial``, None if none can be read; :class:`CacheError` for another format."""
     try:
@@ -372,7 +510,7 @@ def _read_meta(partial: Path) -> CacheMeta | None:
 
 
 def _write_text_atomic(file: Path, text: str) -> None:
-    tmp = file.with_name(f"{file.name}.tmp-{_process_tag()}")
+    tmp = temporary_name(file)
     tmp.write_text(text)
     os.replace(tmp, file)
 
@@ -408,8 +546,16 @@ def _chunk_file(partial: Path, lo: int, hi: int) -> Path:
     return partial / f"chunk-{lo:09d}-{hi:09d}.npz"
 
 
+def _array_checksum(array: np.ndarray) -> str:
+    """SHA-256 of an array's dtype, shape and bytes (what a chunk file records of each of its arrays)."""
+    h = hashlib.sha256(f"{array.dtype.str}|{array.shape}|".encode())
+    h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
+
+
 def _read_chunk(file: Path, meta: CacheMeta, lo: int, hi: int) -> dict[str, np.ndarray]:
-    """A finished chunk's arrays; raises :class:`CacheError` saying why it does not belong to ``meta``'s run."""
+    """A finished chunk's arrays, checked against the checksums it records; raises :class:`CacheError` saying why it
+    is damaged or does not belong to ``meta``'s run."""
     try:
         with np.load(file, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
@@ -423,12 +569,20 @@ def _read_chunk(file: Path, meta: CacheMeta, lo: int, hi: int) -> dict[str, np.n
     diffs = recorded.differences(meta, have="part has")
     if diffs:
         raise CacheError(f"part {file.name} was certified with other settings:\n  " + "\n  ".join(diffs))
+    if "checksums" not in arrays:
+        raise CacheError(f"part {file.name} records no checksums (written by an older approxtune)")
+    try:
+        checksums = json.loads(str(arrays.pop("checksums")))
+    except ValueError:
+        checksums = {}
     expected = {"c_hat": (hi - lo,), "count": (hi - lo,), "p_a": (hi - lo,), "radius": (hi - lo,)}
     expected["predictions"] = (hi - lo, meta.n)
     for name, shape in expected.items():
         if name not in arrays or arrays[name].shape != shape:
             got = arrays[name].shape if name in arrays else "nothing"
             raise CacheError(f"part {file.name} is malformed: {name} has shape {got}, expected {shape}")
+        if not isinstance(checksums, dict) or checksums.get(name) != _array_checksum(arrays[name]):
+            raise CacheError(f"part {file.name} is damaged: its {name} does not match the checksum it records")
     return arrays
 
 
@@ -457,16 +611,10 @@ def _certify_chunk(
         device=device,
         progress=progress,
     )
-    tmp = file.with_name(f"{file.stem}.tmp-{_process_tag()}.npz")
-    np.savez(
-        tmp,
-        c_hat=result.c_hat,
-        count=result.count,
-        p_a=result.p_a,
-        radius=result.radius,
-        predictions=result.predictions,
-        meta=np.array(meta.to_json()),
-    )
+    tmp = temporary_name(file)
+    arrays = {name: getattr(result, name) for name in _CHUNK_ARRAYS}
+    checksums = {name: _array_checksum(array) for name, array in arrays.items()}
+    np.savez(tmp, **arrays, meta=np.array(meta.to_json()), checksums=np.array(json.dumps(checksums)))
     os.replace(tmp, file)  # atomic: a reader sees the whole chunk or none; a second writer writes the same bytes
 
 
@@ -512,19 +660,22 @@ def build_base_cache(
 
     Resumable: chunks already finished in ``<path>.partial/`` for the same settings (by this function after an
     interruption, or by :func:`certify_shard`) are reused, so a run killed at any moment and started again continues
-    where it stopped and writes the same bytes.  ``progress`` is called with the number of noise samples evaluated
-    (reused chunks included).  Returns the loaded cache.
+    where it stopped and writes the same bytes; damaged chunks are certified again.  ``progress`` is called with the
+    number of noise samples evaluated (reused chunks included).  Holds :func:`build_lock` (waiting for shards and
+    other builds of this cache).  Returns the loaded cache.
     """
     path = Path(path)
     meta = cache_meta(model, inputs, settings)
     partial = _partial_dir(path)
-    _prepare_partial(partial, meta, discard_foreign=True)
-    seeds = input_seeds(settings.seed, inputs.index)
-    parts = []
-    for lo, hi in chunk_ranges(len(inputs), meta.n0 + meta.n):
-        part = _reuse_or_certify(model, inputs, seeds, lo, hi, partial, meta, batch_size, device, progress)
-        parts.append(part if part is not None else _read_chunk(_chunk_file(partial, lo, hi), meta, lo, hi))
-    return _write_cache(model, inputs, path, meta, parts, seeds, device)
+    with build_lock(path):
+        _remove_leftovers(path)
+        _prepare_partial(partial, meta, discard_foreign=True)
+        seeds = input_seeds(settings.seed, inputs.index)
+        parts = []
+        for lo, hi in chunk_ranges(len(inputs), meta.n0 + meta.n):
+            part = _reuse_or_certify(model, inputs, seeds, lo, hi, partial, meta, batch_size, device, progress)
+            parts.append(part if part is not None else _read_chunk(_chunk_file(partial, lo, hi), meta, lo, hi))
+        return _write_cache(model, inputs, path, meta, parts, seeds, device)
 
 
 def certify_shard(
@@ -537,12 +688,15 @@ def certify_shard(
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: torch.device | str | None = None,
     progress: Callable[[int], None] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> ShardResult:
     """Certify shard ``i`` of ``k`` (``shard = (i, k)``): chunks ``i, i + k, ...`` of the cut, into ``<path>.partial/``.
 
     Writes no cache: :func:`merge_base_cache` does, once every shard has finished.  Chunks already finished with the
     same settings are kept (a shard killed and started again resumes).  A ``<path>.partial/`` of other settings is
-    refused, never removed.  ``progress`` counts the shard's noise samples.
+    refused, never removed.  ``progress`` counts the shard's noise samples.  Shards share :func:`build_lock` (``say``
+    is told when one waits for a build or a merge); a shard that finds the cache complete certifies nothing
+    (``merged``).
     """
     i, k = shard
     if k < 1 or not 0 <= i < k:
@@ -550,14 +704,19 @@ def certify_shard(
     path = Path(path)
     meta = cache_meta(model, inputs, settings)
     partial = _partial_dir(path)
-    _prepare_partial(partial, meta, discard_foreign=False)
-    seeds = input_seeds(settings.seed, inputs.index)
     chunks = chunk_ranges(len(inputs), meta.n0 + meta.n)
     result = ShardResult(shard=(i, k), chunks_total=len(chunks), partial=partial)
-    for lo, hi in chunks[i::k]:
-        part = _reuse_or_certify(model, inputs, seeds, lo, hi, partial, meta, batch_size, device, progress)
-        (result.reused if part is not None else result.certified).append((lo, hi))
-    result.chunks_done = sum(_chunk_file(partial, lo, hi).is_file() for lo, hi in chunks)
+    with build_lock(path, shared=True, say=say):
+        if _complete(path, meta) is not None:  # merged (or built by one process) while this shard waited
+            result.chunks_done, result.merged = len(chunks), True
+            return result
+        _remove_leftovers(path)
+        _prepare_partial(partial, meta, discard_foreign=False)
+        seeds = input_seeds(settings.seed, inputs.index)
+        for lo, hi in chunks[i::k]:
+            part = _reuse_or_certify(model, inputs, seeds, lo, hi, partial, meta, batch_size, device, progress)
+            (result.reused if part is not None else result.certified).append((lo, hi))
+        result.chunks_done = sum(_chunk_file(partial, lo, hi).is_file() for lo, hi in chunks)
     return result
 
 
@@ -580,10 +739,24 @@ def merge_base_cache(
     The result is byte-identical to :func:`build_base_cache` with the same settings.  Raises :class:`CacheError`,
     writing nothing, when the parts do not belong together: a chunk or the directory certified with other settings
     (model, inputs, sigma, n, ...), chunks that do not line up with this run's cut (overlapping parts, e.g. from
-    another approxtune version), or missing chunks (a shard that has not finished).
+    another approxtune version), damaged chunks, or missing chunks (a shard that has not finished).  Holds
+    :func:`build_lock`; a cache that is complete already (merged by another process) is returned as it is.
     """
     path = Path(path)
     meta = cache_meta(model, inputs, settings)
+    with build_lock(path):
+        _remove_leftovers(path)
+        return _complete(path, meta) or _merge(model, inputs, path, meta, settings, device)
+
+
+def _merge(
+    model: nn.Module,
+    inputs: Inputs,
+    path: Path,
+    meta: CacheMeta,
+    settings: CertifySettings,
+    device: torch.device | str | None,
+) -> BaseCache:
     partial = _partial_dir(path)
     if not partial.is_dir():
         raise CacheError(
@@ -616,7 +789,15 @@ def merge_base_cache(
             f"{partial} misses {_chunks_message(missing, chunks)} of {len(chunks)}: not every shard has "
             "finished (shard I/K certifies chunks I, I+K, I+2K, ...); run the missing shards, then merge"
         )
-    parts = [_read_chunk(found[c], meta, *c) for c in chunks]
+    parts = []
+    for j, c in enumerate(chunks):
+        try:
+            parts.append(_read_chunk(found[c], meta, *c))
+        except CacheError as exc:
+            raise CacheError(
+                f"{exc}\nRemove it from {partial} and run its shard again (chunk {j} belongs to shard I/K with "
+                f"I = {j} mod K), then merge"
+            ) from None
     return _write_cache(model, inputs, path, meta, parts, input_seeds(settings.seed, inputs.index), device)
 
 
@@ -633,7 +814,7 @@ def _write_cache(
     arrays = {k: np.concatenate([p[k] for p in parts]) for k in _CHUNK_ARRAYS}
     arrays.update(index=inputs.index.astype(np.int64), label=inputs.y.numpy().astype(np.int64), seed=seeds)
     final_meta = CacheMeta(**{**asdict(meta), "num_classes": _num_classes(model, inputs, device)})
-    tmp = path.with_name(f"{path.name}.tmp-{_process_tag()}")
+    tmp = temporary_name(path)
     if tmp.exists():
         shutil.rmtree(tmp)
     _write_arrays(tmp, arrays, final_meta)

@@ -35,7 +35,7 @@ from approxtune.storage import load_existing_study
 from approxtune.trials import feasible
 
 if TYPE_CHECKING:
-    from approxtune.cache import BaseCache, CacheMeta
+    from approxtune.cache import BaseCache
 
 console = Console(stderr=True)
 reporter = Reporter(console)
@@ -73,6 +73,7 @@ def _certify_split(study: Study, args: argparse.Namespace) -> None:
     """``certify --shard I/K`` (one part of the inputs, into ``<cache>.partial/``) or ``certify --merge``."""
     from approxtune import cache as cache_mod
     from approxtune import pipeline
+    from approxtune.cache import CacheDamagedError
     from approxtune.job import prepare
     from approxtune.search import clean_accuracy
 
@@ -82,31 +83,43 @@ def _certify_split(study: Study, args: argparse.Namespace) -> None:
             f"no checkpoint at {study.checkpoint}: shards and merges use the model every shard shares; train it once "
             f"first (approxtune train {args.study}, or put the checkpoint there / set model.checkpoint)"
         )
-    job = prepare(study, device=args.device, no_training=f"no checkpoint at {study.checkpoint}")
+    job = prepare(study, device=args.device, no_training=f"no checkpoint at {study.checkpoint}", say=reporter.info)
     model, device, inputs = job.model, job.device, job.inputs(args.split)
     path = study.cache_path(args.split)
-    expected = pipeline.expected_meta(study, model, inputs, args.split)
-    pipeline.adopt_legacy_cache(study, args.split, expected, reporter.info)
     c = study.certify
     settings = pipeline.certify_settings(study, args.split)
-    existing = _matching_cache(path, expected)
-    if existing is not None:
-        reporter.info(f"The base cache {path} is already complete.")
+    # Shards share the cache's lock, a merge holds it alone: a shard or merge that waited sees the cache complete.
+    with cache_mod.build_lock(path, shared=shard is not None, say=reporter.info):
+        try:  # the merge sets a damaged cache aside (it holds the lock alone); a shard leaves it to the merge
+            existing = pipeline.reusable_cache(
+                study,
+                model,
+                inputs,
+                args.split,
+                on_rebuild=lambda why: reporter.info(f"Not reusing {path}: {why}"),
+                on_adopt=reporter.info,
+                repair=args.merge,
+            )
+        except CacheDamagedError as exc:
+            reporter.info(f"The base cache {path} is damaged ({exc.problem}); the merge will set it aside.")
+            existing = None
+        if existing is not None:
+            reporter.info(f"The base cache {path} is already complete.")
+            if args.merge:
+                _print_certification(existing, clean_accuracy(model, inputs, device), args.split)
+            return
         if args.merge:
-            _print_certification(existing, clean_accuracy(model, inputs, device), args.split)
-        return
-    if args.merge:
-        cache = cache_mod.merge_base_cache(model, inputs, path, settings, device=device)
-        reporter.info(f"Merged the shards into the base cache {path}")
-        _print_certification(cache, clean_accuracy(model, inputs, device), args.split)
-        return
-    i, k = shard
-    chunks = cache_mod.chunk_ranges(len(inputs), c.n0 + c.n)
-    mine = sum(hi - lo for lo, hi in chunks[i::k])
-    with progress_bar(f"certify shard {i}/{k}: {mine} of {len(inputs)} inputs", mine * (c.n0 + c.n)) as advance:
-        result = cache_mod.certify_shard(
-            model, inputs, path, shard, settings, batch_size=c.batch_size, device=device, progress=advance
-        )
+            cache = cache_mod.merge_base_cache(model, inputs, path, settings, device=device)
+            reporter.info(f"Merged the shards into the base cache {path}")
+            _print_certification(cache, clean_accuracy(model, inputs, device), args.split)
+            return
+        i, k = shard
+        chunks = cache_mod.chunk_ranges(len(inputs), c.n0 + c.n)
+        mine = sum(hi - lo for lo, hi in chunks[i::k])
+        with progress_bar(f"certify shard {i}/{k}: {mine} of {len(inputs)} inputs", mine * (c.n0 + c.n)) as advance:
+            result = cache_mod.certify_shard(
+                model, inputs, path, shard, settings, batch_size=c.batch_size, device=device, progress=advance
+            )
     out.print(
         f"Shard {i}/{k}: certified {len(result.certified)} chunks, reused {len(result.reused)}; "
         f"{result.chunks_done} of {result.chunks_total} chunks are in {result.partial}.",
@@ -116,19 +129,6 @@ def _certify_split(study: Study, args: argparse.Namespace) -> None:
         out.print(f"All chunks are done: merge them with `approxtune certify {args.study} --merge`.", highlight=False)
     else:
         out.print(f"When every shard has finished: `approxtune certify {args.study} --merge` (once).", highlight=False)
-
-
-def _matching_cache(path: Path, expected: CacheMeta) -> BaseCache | None:
-    from approxtune.cache import CacheError, NoiseMismatchError, load_cache
-
-    try:
-        cache = load_cache(path)
-        cache.check(expected)
-        return cache
-    except NoiseMismatchError:
-        raise  # another installation can replay it: never certify over it
-    except CacheError:
-        return None
 
 
 def _print_certification(cache: BaseCache, accuracy: float, split: str) -> None:
@@ -251,7 +251,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     from approxtune.job import prepare
 
     study = load_study(args.study)
-    job = prepare(study, device=args.device, no_training=f"no checkpoint at {study.checkpoint}: {_TUNED_FIRST}")
+    job = prepare(
+        study, device=args.device, no_training=f"no checkpoint at {study.checkpoint}: {_TUNED_FIRST}", say=reporter.info
+    )
 
     def on_chosen(trial: optuna.trial.FrozenTrial, reason: str) -> None:
         attrs = trial.user_attrs

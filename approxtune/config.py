@@ -175,6 +175,11 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 ARCHITECTURES = ("digits-cnn", "cifar_resnet20", "cifar_resnet110", "resnet50")
 """The built-in architectures' names (:data:`approxtune.models.ARCHITECTURES` builds them)."""
 DATASETS = ("digits", "cifar10", "imagefolder", "tensors", "python")
+MAX_SIGMA = 2e37
+"""certify.sigma's upper bound: sigma * eps stays a float32 number (at most 3.4e38) for every normal the noise
+generator can draw (|eps| < 14: its tail step takes the logarithm of a uniform of at least 2^-53)."""
+MAX_CLASSES = 2**32
+"""model.num_classes' upper bound: the base cache stores a class in an unsigned integer of 8, 16 or 32 bits."""
 SAMPLERS = ("nsga2", "tpe", "random", "guided")
 DEVICES = ("auto", "cpu", "cuda")
 KEYWORD_ORIGIN = "the keyword settings"
@@ -412,7 +417,11 @@ def _choice(where: str, value: str, choices: tuple[str, ...]) -> None:
 
 def _validate(s: Study) -> None:
     c, i, d, t, q = s.certify, s.irs, s.data, s.train, s.search
-    _require(c.sigma > 0, f"certify.sigma must be positive, got {c.sigma}")
+    _require(
+        0 < c.sigma <= MAX_SIGMA,
+        f"certify.sigma must be positive and at most {MAX_SIGMA:.0e} (the noise sigma * eps is drawn in float32, "
+        f"whose largest number is 3.4e38, and |eps| < 14), got {c.sigma}",
+    )
     _require(0 < c.alpha < 0.5, f"certify.alpha must lie in (0, 0.5), got {c.alpha}")
     _require(c.n0 >= 1 and c.n >= 1, f"certify.n0 and certify.n must be at least 1, got {c.n0} and {c.n}")
     _require(c.batch_size >= 1, f"certify.batch_size must be at least 1, got {c.batch_size}")
@@ -431,15 +440,20 @@ def _validate(s: Study) -> None:
             s.irs_settings.tail_length(c.n)
         except ValueError as exc:
             raise ConfigError(f"irs (mode 'tail'): {exc}") from None
+        _require(i.block <= c.n, f"irs.block must be at most certify.n = {c.n} (a step of samples), got {i.block}")
     _validate_model(s.model)
     _validate_data(d)
     _require(0 <= s.study.seed < 2**32, f"study.seed must lie in [0, 2**32 - 1] (Optuna's range), got {s.study.seed}")
     _require(
         t.epochs >= 1 and t.batch_size >= 1 and t.lr > 0, "train.epochs, train.batch_size and train.lr must be > 0"
     )
+    _require(t.lr <= 1, f"train.lr must be at most 1 (Adam's step size; the default is 0.003), got {t.lr}")
     _require(q.trials >= 0 and q.timeout >= 0, "search.trials and search.timeout must be >= 0")
     _choice("search.sampler", q.sampler, SAMPLERS)
-    _require(q.guide_samples >= 1, f"search.guide_samples must be at least 1, got {q.guide_samples}")
+    _require(
+        1 <= q.guide_samples <= s.certify.n,
+        f"search.guide_samples must lie in [1, certify.n = {s.certify.n}], got {q.guide_samples}",
+    )
     _require(bool(q.precisions), "search.precisions must name at least one precision")
     for precision in q.precisions:
         _choice("search.precisions", precision, PRECISIONS)
@@ -477,7 +491,11 @@ def _validate_model(m: ModelSection) -> None:
     if not m.torchvision:
         extra = [key for key in ("num_classes", "mean", "std") if getattr(m, key)]
         _require(not extra, f"model.{', model.'.join(extra)} apply to torchvision models only (set model.torchvision)")
-    _require(m.num_classes >= 0, f"model.num_classes must be at least 1 (or 0: the default), got {m.num_classes}")
+    _require(
+        0 <= m.num_classes <= MAX_CLASSES,
+        f"model.num_classes must lie in [1, 2**32] (or 0: the default; the cache stores classes as 32-bit integers at "
+        f"most), got {m.num_classes}",
+    )
     _require(
         len(m.mean) == len(m.std) and all(v > 0 for v in m.std),
         f"model.mean and model.std need one value per channel, std > 0; got mean {m.mean}, std {m.std}",

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from approxtune.errors import ApproxtuneError
+from approxtune.safeload import UnreadableFile, UnsafeFile, load_plain
 
 __all__ = [
     "CIFAR10_DIR",
@@ -371,15 +372,14 @@ def _load_tensor_file(path: Path) -> Mapping[str, object]:
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as npz:
                 return {name: npz[name] for name in npz.files}
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        blocked = re.search(r"GLOBAL ([\w.]+)", str(exc))  # what torch.load(weights_only=True) refused
-        if blocked is None:
-            raise DataError(f"{path} is not a readable {suffix} file; {_TENSOR_FILE_HINT}") from None
+        obj = load_plain(path)
+    except UnsafeFile as exc:
         raise DataError(
-            f"refusing to load {path}: unsafe: it holds more than tensors (it refers to {blocked.group(1)}), and "
+            f"refusing to load {path}: unsafe: it holds more than tensors (it refers to {exc.blocked}), and "
             f"unpickling it could run code; save torch tensors, not numpy arrays or other objects: {_TENSOR_FILE_HINT}"
         ) from None
+    except UnreadableFile as exc:
+        raise DataError(f"{path} is not a readable {suffix} file ({exc.reason}); {_TENSOR_FILE_HINT}") from None
     except ValueError as exc:  # numpy: "Object arrays cannot be loaded when allow_pickle=False"
         raise DataError(f"cannot read {path} ({exc}); store plain numeric arrays: {_TENSOR_FILE_HINT}") from None
     except Exception as exc:  # a truncated or foreign file fails anywhere inside the reader

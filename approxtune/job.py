@@ -24,10 +24,10 @@ from approxtune.approximation import compressible_layers
 from approxtune.config import Study
 from approxtune.data import DataError, Inputs, UserData
 from approxtune.errors import ApproxtuneError
-from approxtune.models import ModelError
+from approxtune.models import ModelError, build_model
 from approxtune.usercode import qualified_name
 
-__all__ = ["Job", "check_model", "check_writable", "prepare"]
+__all__ = ["Job", "check_layers", "check_model", "check_writable", "prepare"]
 
 SPLITS = ("search", "report")
 
@@ -68,13 +68,9 @@ def check_writable(directory: Path) -> None:
             return
 
 
-def check_model(model: nn.Module, inputs: list[Inputs], study: Study) -> int:
-    """Check that ``model`` fits the study and its data; returns the number of classes it predicts.
-
-    It must be an ``nn.Module`` with a compressible layer (``Conv1d/2d/3d``, ``Linear``) matching the search's
-    include/exclude patterns, map a batch ``(N, *shape)`` of the inputs to finite logits ``(N, classes)`` with at
-    least two classes, and every label must lie in ``[0, classes)``.  Raises :class:`ModelError` otherwise.
-    """
+def check_layers(model: nn.Module, study: Study) -> None:
+    """Check that ``model`` is an ``nn.Module`` with a compressible layer (``Conv1d/2d/3d``, ``Linear``) and that
+    every pattern of ``search.include`` and ``search.exclude`` matches one; raises :class:`ModelError`."""
     if not isinstance(model, nn.Module):
         raise ModelError(f"the model is a {type(model).__name__}, not a torch.nn.Module")
     if not compressible_layers(model):
@@ -83,6 +79,15 @@ def check_model(model: nn.Module, inputs: list[Inputs], study: Study) -> int:
             "nn.Conv3d and nn.Linear modules, and the model has none"
         )
     compressible_layers(model, study.search.include, study.search.exclude or None)  # every pattern must match
+
+
+def check_model(model: nn.Module, inputs: list[Inputs], study: Study) -> int:
+    """Check that ``model`` fits the study and its data; returns the number of classes it predicts.
+
+    It must pass :func:`check_layers`, map a batch ``(N, *shape)`` of the inputs to finite logits ``(N, classes)``
+    with at least two classes, and every label must lie in ``[0, classes)``.  Raises :class:`ModelError` otherwise.
+    """
+    check_layers(model, study)
     batch = inputs[0].x[:2]
     device = next(iter(model.parameters()), torch.empty(0)).device
     try:
@@ -118,13 +123,17 @@ def prepare(
     device: str | torch.device | None = None,
     train_progress: Callable[[str, int], Any] | None = None,
     no_training: str | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> Job:
     """The :class:`Job` of ``study``: ``model`` and ``data`` as given, or as the study's [model] and [data] say.
 
     Checks the data first, then builds or loads the model (training the embedded digits model when its checkpoint
     is missing, with ``train_progress(description, epochs)`` as a progress context; ``no_training`` instead makes a
-    missing checkpoint an error with that message), then checks the two together (:func:`check_model`).  The given
-    ``model`` is not modified: f is a copy, in eval mode, on the device.
+    missing checkpoint an error with that message), then checks the two together (:func:`check_model`).  Before
+    training, the layer patterns are checked on the untrained architecture and the search cache against the free
+    disk and memory (:func:`~approxtune.pipeline.check_room`), so that a refusal writes nothing.  Only one process
+    trains a study's model; others started at once wait for its checkpoint (``say`` is told).  The given ``model`` is
+    not modified: f is a copy, in eval mode, on the device.
     """
     check_writable(study.output_dir)
     device = pipeline.resolve_device(study, str(device) if device is not None else None)
@@ -146,16 +155,26 @@ def prepare(
         spec, base = pipeline.architecture(study), pipeline.ensure_model(study)
     user = pipeline.user_data(study, data)
     inputs = {split: pipeline.load_inputs(study, split, user) for split in SPLITS}
-    if train:  # the data is checked before training starts
-        spec, base = pipeline.architecture(study), _train(study, train_progress)
+    if train:  # the data, the layers and the room for the cache are checked before training starts
+        check_layers(build_model(study.model.builtin_arch), study)
+        if not study.cache_path("search").exists():
+            search = inputs["search"]  # the least a cache takes: 1 byte per sample (2 classes)
+            pipeline.check_room(study, len(search), num_classes=2, sample_bytes=search.x[0].numel() * 4)
+        spec, base = pipeline.architecture(study), _train(study, train_progress, say)
     base = base.to(device)
     classes = check_model(base, list(inputs.values()), study)
     return Job(study, base, spec, device, classes, user, dict(inputs))
 
 
-def _train(study: Study, progress: Callable[[str, int], Any] | None) -> nn.Module:
-    description = f"train {study.model.builtin_arch} (sigma={study.certify.sigma:g})"
-    if progress is None:
-        return pipeline.train_study_model(study)
-    with progress(description, study.train.epochs) as advance:
-        return pipeline.train_study_model(study, progress=lambda epoch, loss: advance(1))
+def _train(study: Study, progress: Callable[[str, int], Any] | None, say: Callable[[str], None] | None) -> nn.Module:
+    """Train the study's model, or load it when another process trained it while this one waited for the lock."""
+    with pipeline.checkpoint_lock(study, say):
+        if not pipeline.needs_training(study):
+            if say is not None:
+                say(f"Loading the model {study.checkpoint}, trained by the process this one waited for")
+            return pipeline.ensure_model(study)
+        description = f"train {study.model.builtin_arch} (sigma={study.certify.sigma:g})"
+        if progress is None:
+            return pipeline.train_study_model(study)
+        with progress(description, study.train.epochs) as advance:
+            return pipeline.train_study_model(study, progress=lambda epoch, loss: advance(1))

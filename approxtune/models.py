@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import pickle
-import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,8 @@ from torch import nn
 
 from approxtune.config import ARCHITECTURES as ARCHITECTURE_NAMES
 from approxtune.errors import ApproxtuneError
+from approxtune.locking import temporary_name
+from approxtune.safeload import UnreadableFile, UnsafeFile, load_plain
 from approxtune.usercode import UserCodeError, import_callable
 
 __all__ = [
@@ -285,32 +285,20 @@ def _build(spec: Mapping[str, Any], folders: Sequence[Path]) -> nn.Module:
 _WRAPPER_PREFIX = "module"  # what torch.nn.DataParallel / DistributedDataParallel insert into parameter names
 _OPTIONAL_BUFFERS = ("num_batches_tracked",)  # BatchNorm counters, unused at inference; absent from old checkpoints
 _SHOWN_KEYS = 10  # how many mismatching names an error message lists
-_BLOCKED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # how torch.load(weights_only=True) names what it refused
-
-
-def _weights_only_failure(exc: pickle.UnpicklingError) -> tuple[str | None, str]:
-    """The Python global that ``torch.load(weights_only=True)`` refused (None if none was), and a one-line reason."""
-    text = str(exc)
-    blocked = _BLOCKED_GLOBAL.search(text)
-    detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
-    return (blocked.group(1) if blocked else None), (detail[0].strip() if detail else type(exc).__name__)
 
 
 def _read(path: Path) -> object:
     """``torch.load`` restricted to plain data (tensors, numbers, strings, containers), on the CPU."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        blocked, reason = _weights_only_failure(exc)
-        if blocked is None:
-            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({reason})") from None
+        return load_plain(path)
+    except UnsafeFile as exc:
         raise CheckpointError(
             f"refusing to load {path}: unsafe: it is not a plain-data checkpoint, and unpickling it could run code (it "
-            f"refers to {blocked}, which torch.load(weights_only=True) does not allow). If you trust the file, re-save "
-            f'it as torch.save({{"arch": ARCH, "state_dict": model.state_dict()}}, PATH)'
+            f"refers to {exc.blocked}, which torch.load(weights_only=True) does not allow). If you trust the file, "
+            f're-save it as torch.save({{"arch": ARCH, "state_dict": model.state_dict()}}, PATH)'
         ) from None
-    except Exception as exc:  # a truncated or foreign file fails anywhere inside torch.load
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+    except UnreadableFile as exc:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({exc.reason})") from None
 
 
 def _split(obj: object, path: Path) -> tuple[Mapping[str, torch.Tensor], str | None]:
@@ -422,6 +410,6 @@ def save_checkpoint(model: nn.Module, arch: str, path: str | Path) -> None:
     """Write ``{"arch", "state_dict"}`` atomically (a temporary file renamed into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_name(path)  # a name of this process's own: processes that train at once never share one
     torch.save({"arch": arch, "state_dict": model.state_dict()}, tmp)
     os.replace(tmp, path)

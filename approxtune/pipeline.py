@@ -9,6 +9,7 @@ that ``approxtune tune`` runs from a fresh clone in one command.  :mod:`approxtu
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -20,18 +21,23 @@ import torch
 from torch import nn
 
 from approxtune.cache import (
+    SAME_CACHE,
     BaseCache,
+    CacheDamagedError,
     CacheError,
     CacheMeta,
     CertifySettings,
     NoiseMismatchError,
     build_base_cache,
+    build_lock,
     cache_meta,
     load_cache,
+    set_aside,
 )
 from approxtune.certification import class_dtype
 from approxtune.config import Study
 from approxtune.data import DataError, Inputs, UserData, dataset_size, digits_splits, read_inputs
+from approxtune.locking import file_lock, remove_leftovers
 from approxtune.models import CheckpointError, build_architecture, load_checkpoint, load_weights, save_checkpoint
 from approxtune.training import train_model
 from approxtune.usercode import import_callable
@@ -159,25 +165,36 @@ def split_indices(
     return {"report": np.sort(order[:report]), "search": np.sort(order[report : report + search])}
 
 
-def train_study_model(study: Study, progress: Callable[[int, float], None] | None = None) -> nn.Module:
-    """Train the study's base model with noise augmentation at its sigma and save it to its checkpoint path."""
+def checkpoint_lock(study: Study, say: Callable[[str], None] | None = None) -> AbstractContextManager[None]:
+    """The lock of the study's checkpoint (``<checkpoint>.lock``): one process trains while the others wait."""
+    path = study.checkpoint
+    return file_lock(path.with_name(path.name + ".lock"), say=say, what=f"trains the model {path}")
+
+
+def train_study_model(
+    study: Study, progress: Callable[[int, float], None] | None = None, say: Callable[[str], None] | None = None
+) -> nn.Module:
+    """Train the study's base model with noise augmentation at its sigma and save it to its checkpoint path, holding
+    :func:`checkpoint_lock` (``say`` is told whom it waits for)."""
     arch = study.model.builtin_arch
     if study.model.kind != "builtin" or arch not in TRAINABLE:
         raise ValueError(
             f"approxtune trains only {', '.join(TRAINABLE)}; give a trained model (model.checkpoint) instead"
         )
     t = study.train
-    model = train_model(
-        arch,
-        load_inputs(study, "train"),
-        sigma=study.certify.sigma,
-        epochs=t.epochs,
-        batch_size=t.batch_size,
-        lr=t.lr,
-        seed=study.study.seed,
-        progress=progress,
-    )
-    save_checkpoint(model, arch, study.checkpoint)
+    with checkpoint_lock(study, say):
+        remove_leftovers(study.checkpoint.parent, re.escape(study.checkpoint.name))  # of a killed training
+        model = train_model(
+            arch,
+            load_inputs(study, "train"),
+            sigma=study.certify.sigma,
+            epochs=t.epochs,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            seed=study.study.seed,
+            progress=progress,
+        )
+        save_checkpoint(model, arch, study.checkpoint)
     return model
 
 
@@ -289,12 +306,15 @@ def reusable_cache(
     *,
     on_rebuild: Callable[[str], None] | None = None,
     on_adopt: Callable[[str], None] | None = None,
+    repair: bool = False,
 ) -> BaseCache | None:
     """The base cache of ``split`` on disk if it matches the study (adopting one under the old name), else None.
 
     ``on_rebuild`` is told why an existing cache cannot be reused (one of an older format too), ``on_adopt`` that one
     was renamed (:func:`adopt_legacy_cache`).  A cache whose noise this installation cannot reproduce is refused
-    (:class:`~approxtune.cache.NoiseMismatchError`), never rebuilt over.
+    (:class:`~approxtune.cache.NoiseMismatchError`), never rebuilt over.  A damaged cache is set aside (kept as
+    ``<cache>.damaged-<time>``) when ``repair`` (``approxtune certify``), else refused
+    (:class:`~approxtune.cache.CacheDamagedError`, naming the file and the command that repairs it).
     """
     path = study.cache_path(split)
     expected = expected_meta(study, model, inputs, split)
@@ -306,6 +326,13 @@ def reusable_cache(
         cache.check(expected)
     except NoiseMismatchError:
         raise  # never overwrite a cache that another installation can replay: the user decides
+    except CacheDamagedError as exc:
+        if not repair:
+            raise damaged(study, split, exc) from None
+        aside = set_aside(path)
+        if on_rebuild is not None:
+            on_rebuild(f"it is damaged ({exc.problem}); set aside as {aside.name}")
+        return None
     except CacheError as exc:
         if on_rebuild is not None:
             on_rebuild(str(exc))
@@ -313,23 +340,40 @@ def reusable_cache(
     return cache
 
 
+def damaged(study: Study, split: str, exc: CacheDamagedError, then: str = "") -> CacheDamagedError:
+    """The refusal of a damaged cache of ``split`` by every command but ``certify``: which file is damaged, and the
+    command that sets it aside and certifies it again (followed by ``then``)."""
+    fix = f"{certify_command(study, split)} sets it aside and certifies it again ({SAME_CACHE}){then}"
+    return CacheDamagedError(exc.path, exc.problem, fix)
+
+
+def certify_command(study: Study, split: str) -> str:
+    """The command that certifies ``split`` of the study: ``approxtune certify`` (or the Python API's certify)."""
+    report = split == "report"
+    if study.path is None:
+        return "`approxtune.certify(model, data, ...{})`".format(', split="report"' if report else "")
+    return f"`approxtune certify {study.path}{' --split report' if report else ''}`"
+
+
 def cache_bytes(study: Study, inputs: int, num_classes: int) -> int:
     """Bytes of a base cache's predictions of ``inputs`` inputs (the bulk of the cache): ``inputs x n`` classes."""
     return inputs * study.certify.n * class_dtype(num_classes).itemsize
 
 
-def check_room(study: Study, inputs: int, num_classes: int) -> None:
-    """Refuse, before certifying, a base cache that the disk or the memory cannot hold.
+def check_room(study: Study, inputs: int, num_classes: int, sample_bytes: int = 0) -> None:
+    """Refuse, before certifying, a base cache that the disk or the memory cannot hold, and a batch of noisy inputs
+    (``sample_bytes`` each) that the memory cannot hold.
 
     Certifying writes the predictions twice on disk (the checkpointed chunks, then the cache, before the chunks are
     removed) and concatenates them in memory once.
     """
+    c = study.certify
     size = cache_bytes(study, inputs, num_classes)
     where = Path(study.output_dir).absolute()
     while not where.exists():
         where = where.parent
     free = shutil.disk_usage(where).free
-    what = f"certifying {inputs} inputs with certify.n = {study.certify.n:,} makes a cache of {_human(size)}"
+    what = f"certifying {inputs} inputs with certify.n = {c.n:,} makes a cache of {_human(size)}"
     if 2 * size > free:
         raise CacheError(
             f"{what} (twice that while it is written), but {where} has {_human(free)} free; lower certify.n or the "
@@ -340,6 +384,12 @@ def check_room(study: Study, inputs: int, num_classes: int) -> None:
         raise CacheError(
             f"{what}, which must fit in memory once, but {_human(memory)} is available; lower certify.n or the number "
             "of inputs"
+        )
+    batch = c.batch_size * sample_bytes  # the buffer of noisy inputs that every forward pass fills
+    if memory is not None and batch > memory:
+        raise CacheError(
+            f"certify.batch_size = {c.batch_size:,} noisy inputs of {sample_bytes:,} bytes take {_human(batch)}, but "
+            f"{_human(memory)} of memory is available; lower certify.batch_size"
         )
 
 
@@ -415,22 +465,35 @@ def certify_split(
     device: torch.device,
     progress: Callable[[str, int], AbstractContextManager[Callable[[int], None]]],
     say: Callable[[str], None],
+    repair: bool = False,
 ) -> tuple[BaseCache, bool]:
     """The base cache of ``split``: reused when it matches, else certified under a ``progress(description, total)``
     bar once the disk and memory are known to hold it (:func:`check_room`); ``say`` is told what was done.
 
-    Returns the cache and whether it was certified now.
+    Holds the cache's lock (:func:`~approxtune.cache.build_lock`) from the check to the end: a process that starts
+    while another certifies this cache waits (saying so), then reuses it.  A damaged cache is set aside and certified
+    again when ``repair``, else refused (:func:`reusable_cache`).  Returns the cache and whether it was certified now.
     """
     path = study.cache_path(split)
-    cache = reusable_cache(
-        study, model, inputs, split, on_rebuild=lambda why: say(f"Rebuilding {path}: {why}"), on_adopt=say
-    )
-    built = cache is None
-    if built:
-        check_room(study, len(inputs), num_classes)
-        c = study.certify
-        with progress(f"certify g on {len(inputs)} {split} inputs", len(inputs) * (c.n0 + c.n)) as advance:
-            cache = build_cache(study, model, inputs, split, device=device, progress=advance)
+    sample_bytes = inputs.x[0].numel() * 4  # a float32 noisy input
+    if not path.exists():
+        check_room(study, len(inputs), num_classes, sample_bytes)  # before anything is written, the lock file included
+    with build_lock(path, say=say):
+        cache = reusable_cache(
+            study,
+            model,
+            inputs,
+            split,
+            on_rebuild=lambda why: say(f"Rebuilding {path}: {why}"),
+            on_adopt=say,
+            repair=repair,
+        )
+        built = cache is None
+        if built:
+            check_room(study, len(inputs), num_classes, sample_bytes)
+            c = study.certify
+            with progress(f"certify g on {len(inputs)} {split} inputs", len(inputs) * (c.n0 + c.n)) as advance:
+                cache = build_cache(study, model, inputs, split, device=device, progress=advance)
     say(f"{'Wrote' if built else 'Reusing'} the base cache {path}")
     return cache, built
 
@@ -439,11 +502,7 @@ def report_cache_hint(study: Study) -> str:
     """How to build the report inputs' base cache ahead of time (``export`` certifies against it, building it if
     missing)."""
     c = study.certify
-    how = (
-        f"`approxtune certify {study.path} --split report`"
-        if study.path is not None
-        else '`approxtune.certify(model, data, ..., split="report")`'
-    )
+    how = certify_command(study, "report")
     return (
         f"build the held-out report cache ahead of time with {how} ({study.data.report_inputs} inputs x "
         f"{c.n0 + c.n:,} samples of g; `export` builds it otherwise)"

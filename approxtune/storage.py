@@ -3,27 +3,27 @@
 SQLite (the default, ``<output_dir>/study.db``) for one process; a database server (PostgreSQL) for workers on
 several machines.  Every worker records ``host:pid`` on the trial it runs (:func:`worker_id`); a trial whose worker
 stops sending heartbeats for ``search.grace_period`` seconds, or whose worker on this host is gone, is failed and
-enqueued again (:func:`fail_dead_local_trials`), and a study counts as done only once no such retry is waiting
-(:class:`StopWhenDone`).  Imports no torch, so showing a front stays fast.
+enqueued again (:func:`fail_dead_local_trials`) without what the dead run recorded, and a study counts as done only
+once no such retry is waiting (:class:`approxtune.budget.TrialBudget`).  Imports no torch, so showing a front stays
+fast.
 """
 
 from __future__ import annotations
 
-import os
-import socket
+import copy
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
 
 from approxtune.config import Study
-from approxtune.trials import FINISHED
+from approxtune.locking import holder_gone, this_process
+from approxtune.trials import RESULT_ATTR
 
 __all__ = [
-    "StopWhenDone",
     "fail_dead_local_trials",
     "is_shared_storage",
     "load_existing_study",
@@ -52,39 +52,13 @@ def masked_url(url: str) -> str:
 
 def worker_id() -> str:
     """``host:pid`` of this process, recorded on every trial it runs (user attribute ``worker``)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+    return this_process()
 
 
 def pending_retries(optuna_study: optuna.Study) -> int:
     """WAITING copies of failed trials (retries enqueued by Optuna's stale-trial callback)."""
     waiting = optuna_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
     return sum("failed_trial" in t.system_attrs for t in waiting)
-
-
-class StopWhenDone:
-    """An Optuna callback: stop once ``trials`` trials have finished and no retry of a failed trial is waiting.
-
-    (Optuna's ``MaxTrialsCallback`` counts finished trials only, so a study could end with the retry of a dead trial
-    never run.)
-    """
-
-    def __init__(self, trials: int) -> None:
-        self.trials = trials
-
-    def __call__(self, optuna_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        done = len(optuna_study.get_trials(deepcopy=False, states=FINISHED))
-        if done >= self.trials and not pending_retries(optuna_study):
-            optuna_study.stop()
 
 
 def fail_dead_local_trials(optuna_study: optuna.Study) -> list[int]:
@@ -95,13 +69,11 @@ def fail_dead_local_trials(optuna_study: optuna.Study) -> list[int]:
     other hosts).  The retry is Optuna's own (the storage's stale-trial callback), so the copy runs next and
     records which trial it replaces.  Returns the numbers of the trials failed.
     """
-    host = socket.gethostname()
     backend = optuna_study._storage  # the public API has no way to fail another process's trial
     retry = getattr(backend, "get_heartbeat_stale_trial_callback", lambda: None)()
     failed = []
     for trial in optuna_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-        if worker_host != host or not pid.isdigit() or _alive(int(pid)):
+        if not holder_gone(str(trial.user_attrs.get("worker", ""))):
             continue
         try:
             if not backend.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL):
@@ -139,6 +111,29 @@ def _schema_lock(url: str) -> Iterator[None]:
         engine.dispose()
 
 
+RETRY_KEEPS = ("baseline",)
+"""The user attributes a retry of a dead trial inherits; the others describe a run that did not finish."""
+
+
+def _fresh_retry(
+    retry: Callable[[optuna.Study, optuna.trial.FrozenTrial], None],
+) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+    """Optuna's retry of a dead trial (a WAITING copy of its parameters and attributes), without what the dead trial
+    recorded of a result: its :data:`RESULT_ATTR`, its constraint values and its user attributes other than
+    :data:`RETRY_KEEPS`.  (A copy that inherited them would start with another run's result, and Optuna would ignore
+    its own constraint values as already set.)"""
+
+    def retry_afresh(optuna_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        clean = copy.copy(trial)
+        clean.system_attrs = {
+            k: v for k, v in trial.system_attrs.items() if k != RESULT_ATTR and not k.startswith("constraints")
+        }
+        clean.user_attrs = {k: v for k, v in trial.user_attrs.items() if k in RETRY_KEEPS}
+        retry(optuna_study, clean)
+
+    return retry_afresh
+
+
 def storage(
     url: str, heartbeat_interval: int = 30, grace_period: int = 90, max_retry: int = 2
 ) -> optuna.storages.BaseStorage:
@@ -153,7 +148,7 @@ def storage(
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        retry = _fresh_retry(RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
     # SQLite: wait for the file lock; a server: a worker outlives server restarts and idle-connection timeouts.
     engine_kwargs: dict = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     if url.startswith("postgresql"):

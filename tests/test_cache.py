@@ -1,10 +1,12 @@
 """The base-certification cache: format, atomic and resumable writing, mismatch detection."""
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _caches import as_format_1, reseal, rewrite_meta
 from torch import nn
 
 from approxtune import cache as cache_mod
@@ -63,6 +66,15 @@ def test_cache_contents_match_certify(tmp_path):
     assert np.array_equal(cache.certified_radius, np.where(cache.c_hat == cache.label, cache.radius, 0))
 
 
+def _samples_to_build(model, inputs, path) -> int:
+    """Build the cache at ``path``; returns the noise samples f evaluated (not the class count's one input)."""
+    evaluated = []
+    hook = model.register_forward_hook(lambda module, args, output: evaluated.append(len(args[0])))
+    build_base_cache(model, inputs, path, SETTINGS)
+    hook.remove()
+    return sum(evaluated) - 1
+
+
 def test_no_pickle_in_the_format(tmp_path):
     build_base_cache(make_model(), make_inputs(), tmp_path / "c", SETTINGS)
     for file in (tmp_path / "c").glob("*.npy"):
@@ -87,12 +99,10 @@ def test_interrupted_build_resumes_to_identical_bytes(tmp_path, monkeypatch):
     assert 1 <= len(chunks) < 4, "some but not all chunks were finished"
     assert not (tmp_path / "c").exists(), "no half-written cache is visible"
 
-    evaluated = []
-    model.register_forward_hook(lambda module, args, output: evaluated.append(len(args[0])))
-    build_base_cache(model, inputs, tmp_path / "c", SETTINGS)
+    evaluated = _samples_to_build(model, inputs, tmp_path / "c")
     assert dir_bytes(tmp_path / "c") == dir_bytes(tmp_path / "ref")
     finished_inputs = 3 * len(chunks)
-    assert sum(evaluated) - 1 == (10 - finished_inputs) * 316, "finished chunks are reused, not recomputed"
+    assert evaluated == (10 - finished_inputs) * 316, "finished chunks are reused, not recomputed"
 
 
 def test_partial_chunks_of_other_settings_are_discarded(tmp_path, monkeypatch):
@@ -152,17 +162,25 @@ SCRIPT = textwrap.dedent(
     """
     import sys, numpy as np, torch
     from torch import nn
-    from approxtune.cache import CertifySettings, build_base_cache
+    from approxtune import cache as c
     from approxtune.data import Inputs
-    import approxtune.cache as c
     c.CHUNK_SAMPLES = 2 * 2064
     g = torch.Generator().manual_seed(0)
     x = torch.rand(40, 1, 4, 4, generator=g); y = torch.randint(0, 3, (40,), generator=g)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
-    build_base_cache(model, Inputs(x, y, np.arange(40)), sys.argv[1], CertifySettings(0.5, 64, 2000, 0.001, 1))
+    inputs, settings = Inputs(x, y, np.arange(40)), c.CertifySettings(0.5, 64, 2000, 0.001, 1)
+    action = sys.argv[2] if len(sys.argv) > 2 else "build"
+    if action == "build":
+        c.build_base_cache(model, inputs, sys.argv[1], settings)
+    elif action == "merge":
+        c.merge_base_cache(model, inputs, sys.argv[1], settings)
+    else:
+        i, k = map(int, action.split("/"))
+        c.certify_shard(model, inputs, sys.argv[1], (i, k), settings)
     """
 )
+"""Certifies a 40-input cache at ``argv[1]``: ``build`` (the default), ``merge`` or shard ``I/K``."""
 
 
 @pytest.mark.slow
@@ -210,10 +228,8 @@ def test_a_one_process_build_finishes_what_shards_started(tmp_path, monkeypatch)
     model, inputs = make_model(), make_inputs(10)
     build_base_cache(model, inputs, tmp_path / "ref", SETTINGS)
     cache_mod.certify_shard(model, inputs, tmp_path / "c", (1, 2), SETTINGS)
-    evaluated = []
-    model.register_forward_hook(lambda module, args, output: evaluated.append(len(args[0])))
-    build_base_cache(model, inputs, tmp_path / "c", SETTINGS)
-    assert sum(evaluated) - 1 == 6 * 316, "only shard 0's chunks (inputs 0-2 and 6-8) were certified"
+    evaluated = _samples_to_build(model, inputs, tmp_path / "c")
+    assert evaluated == 6 * 316, "only shard 0's chunks (inputs 0-2 and 6-8) were certified"
     assert dir_bytes(tmp_path / "c") == dir_bytes(tmp_path / "ref")
 
 
@@ -286,17 +302,9 @@ def test_parse_shard_errors(text):
 # Cache format 2: the noise generator and its canary; older caches and parts are refused with what to do
 
 
-def _as_format_1(meta_file: Path) -> None:
-    """Rewrite a meta.json as approxtune wrote it before format 2 (torch's noise, no noise fields)."""
-    data = json.loads(meta_file.read_text())
-    for key in ("noise_generator", "noise_canary"):
-        data.pop(key)
-    meta_file.write_text(json.dumps({**data, "format_version": 1}))
-
-
 def test_an_old_format_cache_is_refused_with_a_request_to_certify_again(tmp_path):
     build_base_cache(make_model(), make_inputs(), tmp_path / "c", SETTINGS)
-    _as_format_1(tmp_path / "c" / "meta.json")
+    as_format_1(tmp_path / "c")
     expected = (
         rf"the base cache {tmp_path / 'c'} has cache format 1, this approxtune reads format 2 \(its noise came from "
         r"torch's generator .*\): certify again \(approxtune certify STUDY\.toml\)"
@@ -309,12 +317,10 @@ def test_an_old_format_cache_is_refused_with_a_request_to_certify_again(tmp_path
 def test_a_cache_whose_noise_this_installation_cannot_reproduce_is_refused(tmp_path, monkeypatch):
     cache = build_base_cache(make_model(), make_inputs(), tmp_path / "c", SETTINGS)
     assert cache.meta.noise_canary == canary()
-    meta_file = tmp_path / "c" / "meta.json"
-    data = json.loads(meta_file.read_text())
-    meta_file.write_text(json.dumps({**data, "noise_canary": "0" * 64}))  # as if certified where numpy drew otherwise
+    before = rewrite_meta(tmp_path / "c", noise_canary="0" * 64)  # as if certified where numpy drew otherwise
     with pytest.raises(cache_mod.NoiseMismatchError, match=r"cannot reproduce \(its canary 0{16}, here .*remove it"):
         load_cache(tmp_path / "c")
-    meta_file.write_text(json.dumps(data))
+    (tmp_path / "c" / "meta.json").write_text(json.dumps(before))
     load_cache(tmp_path / "c")
     # ... and where this installation's numpy draws other noise than the one that certified.
     monkeypatch.setattr(cache_mod, "canary", lambda: "f" * 64)
@@ -331,7 +337,7 @@ def test_parts_of_an_old_format_are_refused_by_shards_and_merges_and_discarded_b
     build_base_cache(model, inputs, tmp_path / "ref", SETTINGS)
     partial = tmp_path / "c.partial"
     cache_mod.certify_shard(model, inputs, tmp_path / "c", (0, 2), SETTINGS)
-    _as_format_1(partial / "meta.json")
+    as_format_1(partial)
     fix = rf"has cache format 1, this approxtune reads format 2 .*: remove {partial} and run the shards again"
     with pytest.raises(CacheError, match=rf"the parts in {partial} {fix}"):
         cache_mod.certify_shard(model, inputs, tmp_path / "c", (1, 2), SETTINGS)
@@ -350,7 +356,7 @@ def test_parts_of_an_old_format_are_refused_by_shards_and_merges_and_discarded_b
     with pytest.raises(CacheError, match=rf"part {chunk.name} {fix}"):
         cache_mod.merge_base_cache(model, inputs, tmp_path / "c", SETTINGS)
     # A one-process build certifies such parts again, to the same bytes.
-    _as_format_1(partial / "meta.json")
+    as_format_1(partial)
     build_base_cache(model, inputs, tmp_path / "c", SETTINGS)
     assert dir_bytes(tmp_path / "c") == dir_bytes(tmp_path / "ref")
 
@@ -358,7 +364,8 @@ def test_parts_of_an_old_format_are_refused_by_shards_and_merges_and_discarded_b
 def test_a_malformed_seed_array_is_refused(tmp_path):
     build_base_cache(make_model(), make_inputs(), tmp_path / "c", SETTINGS)
     np.save(tmp_path / "c" / "seed.npy", np.zeros(10, dtype=np.int64))
-    with pytest.raises(CacheError, match=r"seed has shape \(10,\), not \(10, 2\)"):
+    reseal(tmp_path / "c", "seed.npy")
+    with pytest.raises(cache_mod.CacheDamagedError, match=r"seed\.npy has shape \(10,\), not \(10, 2\)"):
         load_cache(tmp_path / "c")
 
 
@@ -375,3 +382,176 @@ def test_irs_inputs_must_be_the_cache_inputs_in_cache_order(tmp_path):
     shifted = Inputs(inputs.x, inputs.y, inputs.index + 1)  # same images, other dataset indices: other noise seeds
     with pytest.raises(CacheError, match="fingerprint differs"):
         cache.check_inputs(shifted)
+
+
+# Integrity: checksums of every file, verified on load; damaged chunks
+
+
+def _flip(file: Path, offset: int) -> None:
+    data = bytearray(file.read_bytes())
+    data[offset] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+def _truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[:-7])
+
+
+DAMAGE = {
+    "truncated predictions": (
+        lambda c: _truncate(c / "predictions.npy"),
+        r"predictions\.npy has 3,121 bytes, 3,128 were written \(truncated\?\)",
+    ),
+    "flipped header byte": (lambda c: _flip(c / "p_a.npy", 30), r"p_a\.npy does not match its SHA-256 checksum"),
+    "flipped data byte": (
+        lambda c: _flip(c / "predictions.npy", 2000),
+        r"predictions\.npy does not match its SHA-256 checksum \(changed on disk\)",
+    ),
+    "flipped radius bit": (lambda c: _flip(c / "radius.npy", 140), r"radius\.npy does not match its SHA-256"),
+    "garbage meta.json": (
+        lambda c: (c / "meta.json").write_text('{"sigma": 0.5 "n": 3}'),
+        r"meta\.json is not valid JSON \(Expecting ',' delimiter: line 1 column 15",
+    ),
+    "binary meta.json": (lambda c: (c / "meta.json").write_bytes(b"\xff\xfe\x00"), r"meta\.json is not valid JSON"),
+    "meta.json of a list": (lambda c: (c / "meta.json").write_text("[]"), r"meta\.json holds a list, not an object"),
+    "changed meta value": (
+        lambda c: (c / "meta.json").write_text(
+            (c / "meta.json").read_text().replace('"alpha": 0.001', '"alpha": 0.01')
+        ),
+        r"meta\.json does not match its checksum \(a value in it was changed\)",
+    ),
+    "missing array": (lambda c: (c / "count.npy").unlink(), r"count\.npy is missing"),
+    "missing meta.json": (lambda c: (c / "meta.json").unlink(), r"meta\.json is missing"),
+    "a key renamed": (
+        lambda c: (c / "meta.json").write_text((c / "meta.json").read_text().replace('"seed"', '"sead"')),
+        r"meta\.json has keys .*'sead'.*, expected",
+    ),
+    "a checksum dropped": (
+        lambda c: (c / "meta.json").write_text((c / "meta.json").read_text().replace('"label.npy"', '"lbl.npy"')),
+        r"meta\.json records no checksum of label\.npy",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_any_damage_is_refused_in_one_line_naming_the_file_and_the_fix(tmp_path, damage):
+    build_base_cache(make_model(), make_inputs(), tmp_path / "c", SETTINGS)
+    change, message = DAMAGE[damage]
+    change(tmp_path / "c")
+    with pytest.raises(cache_mod.CacheDamagedError, match=message) as refused:
+        load_cache(tmp_path / "c")
+    text = str(refused.value)
+    assert "\n" not in text and text.startswith(f"the base cache {tmp_path / 'c'} is damaged: ")
+    assert text.endswith(
+        "`approxtune certify STUDY.toml` sets it aside and certifies it again (the same settings give the same cache)"
+    )
+
+
+def test_a_cache_without_checksums_is_certified_again_not_called_damaged(tmp_path):
+    build_base_cache(make_model(), make_inputs(), tmp_path / "c", SETTINGS)
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    del meta["checksums"]  # as approxtune wrote format 2 before it verified caches
+    (tmp_path / "c" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CacheError, match=r"has no checksums .* so its files cannot be verified: certify again") as exc:
+        load_cache(tmp_path / "c")
+    assert not isinstance(exc.value, cache_mod.CacheDamagedError)
+    (tmp_path / "c").rename(tmp_path / "file")
+    (tmp_path / "c").write_text("")
+    with pytest.raises(cache_mod.CacheDamagedError, match="it is a file, not a cache directory"):
+        load_cache(tmp_path / "c")
+
+
+def test_checksums_record_every_file_and_the_metadata(tmp_path):
+    build_base_cache(make_model(), make_inputs(), tmp_path / "c", SETTINGS)
+    checksums = json.loads((tmp_path / "c" / "meta.json").read_text())["checksums"]
+    assert set(checksums) == {"meta"} | {f"{name}.npy" for name in cache_mod.ARRAYS}
+    for name in cache_mod.ARRAYS:
+        data = (tmp_path / "c" / f"{name}.npy").read_bytes()
+        assert checksums[f"{name}.npy"] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_set_aside_keeps_a_damaged_cache_under_a_name_of_its_own(tmp_path):
+    (tmp_path / "c").mkdir()
+    first = cache_mod.set_aside(tmp_path / "c")
+    (tmp_path / "c").mkdir()
+    second = cache_mod.set_aside(tmp_path / "c")
+    assert first != second and first.name.startswith("c.damaged-") and second.is_dir() and not (tmp_path / "c").exists()
+
+
+@pytest.fixture
+def three_per_chunk(monkeypatch):
+    """A model and 10 inputs whose certification is cut into chunks of three inputs (four chunks)."""
+    monkeypatch.setattr(cache_mod, "CHUNK_SAMPLES", 3 * 316)
+    return make_model(), make_inputs(10)
+
+
+def _chunk_arrays(file: Path) -> dict:
+    with np.load(file) as data:
+        return {k: data[k] for k in data.files}
+
+
+@pytest.mark.parametrize("how", ["flipped byte", "truncated", "changed array", "no checksums"])
+def test_a_damaged_chunk_is_certified_again_by_a_build_and_refused_by_a_merge(tmp_path, three_per_chunk, how):
+    model, inputs = three_per_chunk
+    build_base_cache(model, inputs, tmp_path / "ref", SETTINGS)
+    _shard_all(model, inputs, tmp_path / "c", 2)
+    chunk = tmp_path / "c.partial" / "chunk-000000003-000000006.npz"
+    if how == "flipped byte":
+        _flip(chunk, chunk.stat().st_size // 2)
+        message = r"part chunk-000000003-000000006\.npz cannot be read \(BadZipFile: Bad CRC-32"
+    elif how == "truncated":
+        _truncate(chunk)
+        message = r"part chunk-000000003-000000006\.npz cannot be read"
+    else:  # a whole .npz whose arrays are not the ones its checksums record, or that records none
+        arrays = _chunk_arrays(chunk)
+        if how == "changed array":
+            arrays["predictions"] = arrays["predictions"].copy()
+            arrays["predictions"][1, 7] ^= 1
+            message = r"part chunk-000000003-000000006\.npz is damaged: its predictions does not match the checksum"
+        else:
+            del arrays["checksums"]
+            message = r"part chunk-000000003-000000006\.npz records no checksums"
+        np.savez(chunk, **arrays)
+    with pytest.raises(CacheError, match=message) as refused:
+        cache_mod.merge_base_cache(model, inputs, tmp_path / "c", SETTINGS)
+    assert "run its shard again (chunk 1 belongs to shard I/K with I = 1 mod K)" in str(refused.value)
+    assert not (tmp_path / "c").exists(), "a refused merge writes nothing"
+
+    evaluated = _samples_to_build(model, inputs, tmp_path / "c")
+    assert evaluated == 3 * 316, "only the damaged chunk (inputs 3-5) was certified again"
+    assert dir_bytes(tmp_path / "c") == dir_bytes(tmp_path / "ref")
+
+
+def test_what_killed_builders_left_is_removed_by_the_next_build(tmp_path, three_per_chunk):
+    model, inputs = three_per_chunk
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tag = f"{socket.gethostname()}-{dead.pid}"
+    (tmp_path / f"c.tmp-{tag}").mkdir()  # a half-written cache
+    (tmp_path / "c.partial").mkdir()
+    (tmp_path / "c.partial" / f"chunk-000000000-000000003.tmp-{tag}.npz").write_bytes(b"half")
+    live = tmp_path / f"c.tmp-{socket.gethostname()}-{os.getppid()}"  # another process, alive: never touched
+    live.mkdir()
+    build_base_cache(model, inputs, tmp_path / "c", SETTINGS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", live.name]
+
+
+@pytest.mark.slow
+def test_builds_and_shards_started_at_once_never_collide(tmp_path):
+    """Before the lock, a build that finished removed <cache>.partial while another process wrote into it
+    ("No such file or directory: ...chunk-...tmp-<host>-<pid>.npz").  Now builds take turns, shards run side by side
+    and wait for a build, a shard that waited for a build finds the cache complete, and so does a merge after them."""
+    script = tmp_path / "build.py"
+    script.write_text(SCRIPT)
+    subprocess.run([sys.executable, script, tmp_path / "ref", "build"], check=True)
+
+    def start(*args):
+        return subprocess.Popen([sys.executable, script, *map(str, args)], stdout=subprocess.PIPE, text=True)
+
+    procs = [start(tmp_path / "c", what) for what in ("build", "0/2", "build", "1/2")]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, outputs
+    assert dir_bytes(tmp_path / "c") == dir_bytes(tmp_path / "ref")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build.py", "c", "ref"], "no parts, lock or temporary left"
+    subprocess.run([sys.executable, script, tmp_path / "c", "merge"], check=True)
+    assert dir_bytes(tmp_path / "c") == dir_bytes(tmp_path / "ref")

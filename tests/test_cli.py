@@ -8,10 +8,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import optuna
 import pytest
+from _caches import as_format_1, rewrite_meta
 from _studies import tiny_study
 from _wsgi import wsgi_get
 
@@ -76,6 +78,7 @@ def test_front_json_is_the_pareto_front_of_the_trials(tuned, capsys):
     assert {r["trial"] for r in rows} == {i for i, t in enumerate(study.trials) if t.values and not dominated(t.values)}
     assert [r["acr"] for r in rows] == sorted((r["acr"] for r in rows), reverse=True)
     assert all(r["confidence"] == pytest.approx(0.998) for r in rows)
+    assert all(r["accuracy"] == round(r["accuracy"] * 30) / 30 for r in rows), "k/30 in float64, not float32 noise"
     assert document["base"]["reference"] == "base model g" and document["base"]["confidence"] == pytest.approx(0.999)
 
 
@@ -173,6 +176,18 @@ def test_dashboard_serves_the_study(tuned):
         ("[certfy]\n", "did you mean [certify]"),
         ("[model]\narch = 'cifar_resnet20'\ncheckpoint = 'missing.pt'", "missing.pt does not exist"),
         ("[model]\narch = 'resnet9000'", "model.arch = 'resnet9000' is not one of"),
+        # Checked before the digits model is trained or anything is written:
+        ("[study]\nseed = -1", r"study.seed must lie in [0, 2**32 - 1] (Optuna's range), got -1"),
+        ("[certify]\nsigma = inf", "certify.sigma must be a finite number, got inf"),
+        ("[certify]\nsigma = 1e38", "certify.sigma must be positive and at most 2e+37 (the noise sigma * eps is"),
+        ("[data]\nsearch_inputs = 5000", "data.search_inputs = 5000, but the digits split holds 300 search inputs"),
+        ("[search]\ninclude = ['conv*', 'nope*']", "include pattern 'nope*' matches no compressible layer"),
+        ("[certify]\nn = 10_000_000_000", "makes a cache of 2.0 TB (twice that while it is written), but"),
+        ("[certify]\nbatch_size = 1_000_000_000_000", "certify.batch_size = 1,000,000,000,000 noisy inputs of 256"),
+        (
+            "[study]\noutput_dir = 'bad.toml/runs'",
+            "bad.toml is a file, not a directory; set study.output_dir elsewhere",
+        ),
     ],
 )
 @pytest.mark.parametrize("command", ["tune", "certify"])
@@ -237,12 +252,19 @@ def test_killed_tune_continues_when_run_again(tmp_path):
     study = tmp_path / "tiny.toml"
     study.write_text(TINY)
     proc = _start_tune(tmp_path, study)
-    _wait_for_trials(proc, 3)
+    _wait_for_trials(proc, 3)  # a trial prints its line once its result and constraints are recorded
     proc.kill()
     proc.communicate()
-    assert main_in(tmp_path, ["tune", str(study)]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main_in(tmp_path, ["tune", str(study)]) == 0
+    assert not [w for w in caught if "is already set" in str(w.message)], "a retry inherits no constraint values"
     db = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs/tiny/study.db'}")
     assert len(db.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 9
+    for retry in (t for t in db.trials if "failed_trial" in t.system_attrs):  # its own result, not the dead one's
+        assert retry.constraints["accuracy_drop"] == pytest.approx(
+            db.user_attrs["base_accuracy"] - retry.values[1] - 1.0
+        )
 
 
 @pytest.mark.slow
@@ -379,10 +401,9 @@ def test_certify_rebuilds_a_format_1_cache_and_refuses_one_whose_noise_it_cannot
     cache = tmp_path / study.cache_path("search")
     shutil.copytree(root / study.cache_path("search"), cache)
     good = {p.name: p.read_bytes() for p in cache.iterdir()}
-    meta = json.loads(good["meta.json"])
 
     # Another installation's noise (its canary is not this one's): refused in one line, the cache left as it is.
-    (cache / "meta.json").write_text(json.dumps({**meta, "noise_canary": "0" * 64}))
+    rewrite_meta(cache, noise_canary="0" * 64)
     capsys.readouterr()
     assert main_in(tmp_path, ["certify", str(study_file)]) == 2
     err = " ".join(capsys.readouterr().err.split())
@@ -391,12 +412,189 @@ def test_certify_rebuilds_a_format_1_cache_and_refuses_one_whose_noise_it_cannot
     assert json.loads((cache / "meta.json").read_text())["noise_canary"] == "0" * 64
 
     # A cache of format 1 is certified again, saying why; the result is the cache this approxtune writes.
-    old = {k: v for k, v in meta.items() if not k.startswith("noise_")} | {"format_version": 1}
-    (cache / "meta.json").write_text(json.dumps(old))
+    as_format_1(cache)
     assert main_in(tmp_path, ["certify", str(study_file)]) == 0
     err = " ".join(capsys.readouterr().err.split())
     assert "has cache format 1, this approxtune reads format 2 (its noise came from torch's generator" in err
     assert {p.name: p.read_bytes() for p in cache.iterdir()} == good
+
+
+def _copy_of_tuned(tuned, tmp_path):
+    """The tuned study copied into ``tmp_path`` (model, search cache and study): ``(study file, study, cache)``."""
+    root, _ = tuned
+    study_file = tmp_path / "tiny.toml"
+    study_file.write_text(TINY)
+    study = load_study(study_file)
+    shutil.copytree(root / "runs", tmp_path / "runs", ignore=shutil.ignore_patterns("*.html", "*.png"))
+    return study_file, study, tmp_path / study.cache_path("search")
+
+
+def _flip(file, offset):
+    data = bytearray(file.read_bytes())
+    data[offset] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+CLI_DAMAGE = {
+    "truncated predictions.npy": (
+        lambda c: (c / "predictions.npy").write_bytes((c / "predictions.npy").read_bytes()[:-100]),
+        "predictions.npy has 6,028 bytes, 6,128 were written (truncated?)",
+    ),
+    "a flipped header byte": (
+        lambda c: _flip(c / "p_a.npy", 20),
+        "p_a.npy does not match its SHA-256 checksum (changed on disk)",
+    ),
+    "a flipped data byte": (
+        lambda c: _flip(c / "predictions.npy", 3000),
+        "predictions.npy does not match its SHA-256 checksum (changed on disk)",
+    ),
+    "garbage meta.json": (
+        lambda c: (c / "meta.json").write_text('{"alpha": 0.001 "n": 200}'),
+        "meta.json is not valid JSON (Expecting ',' delimiter: line 1 column 17 (char 16))",
+    ),
+    "a missing file": (lambda c: (c / "c_hat.npy").unlink(), "c_hat.npy is missing"),
+}
+
+
+@pytest.mark.parametrize("damage", CLI_DAMAGE)
+def test_a_damaged_cache_is_refused_by_tune_and_set_aside_and_certified_again_by_certify(
+    tuned, tmp_path, capsys, damage
+):
+    """Before checksums: a truncated file gave "mmap length is greater than file size" (no path), a flipped header
+    byte a traceback, a flipped data byte was used silently, a garbage meta.json "Expecting ',' delimiter"."""
+    study_file, study, cache = _copy_of_tuned(tuned, tmp_path)
+    good = {p.name: p.read_bytes() for p in cache.iterdir()}
+    change, problem = CLI_DAMAGE[damage]
+    change(cache)
+    damaged = {p.name: p.read_bytes() for p in cache.iterdir()}
+    db = f"sqlite:///{tmp_path / 'runs/tiny/study.db'}"
+    trials = len(optuna.load_study(study_name="tiny", storage=db).trials)
+    before = sorted(p.name for p in (tmp_path / "runs/tiny").iterdir())
+    capsys.readouterr()
+
+    assert main_in(tmp_path, ["tune", str(study_file)]) == 2  # a trial is never scored on it
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    path = study.cache_path("search")
+    assert err == (
+        f"error: the base cache {path} is damaged: {problem}; `approxtune certify {study_file}` sets it aside and "
+        "certifies it again (the same settings give the same cache)\n"
+    )
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == damaged, "tune leaves it as it is"
+    assert sorted(p.name for p in (tmp_path / "runs/tiny").iterdir()) == before, "nothing written, no lock left"
+    assert len(optuna.load_study(study_name="tiny", storage=db).trials) == trials
+
+    assert main_in(tmp_path, ["certify", str(study_file)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    aside = [p for p in (tmp_path / "runs/tiny").iterdir() if p.name.startswith(f"{cache.name}.damaged-")]
+    assert len(aside) == 1 and {p.name: p.read_bytes() for p in aside[0].iterdir()} == damaged, "kept, as it was"
+    assert f"Rebuilding {path}: it is damaged ({problem}); set aside as {aside[0].name}" in err
+    assert f"Wrote the base cache {path}" in err
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == good, "certified again: the same bytes"
+    assert main_in(tmp_path, ["tune", str(study_file)]) == 0, "and the study goes on"
+
+
+def test_export_and_verify_refuse_a_damaged_cache_in_one_line(tuned, tmp_path, capsys):
+    study_file, study, cache = _copy_of_tuned(tuned, tmp_path)
+    db = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs/tiny/study.db'}")
+    fp32 = next(t.number for t in db.trials if t.user_attrs.get("baseline") == "fp32")
+    _flip(cache / "radius.npy", 200)
+    capsys.readouterr()
+    out = tmp_path / "exported"
+    assert main_in(tmp_path, ["export", str(study_file), "--trial", str(fp32), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: the base cache {study.cache_path('search')} is damaged: radius.npy does not match its SHA-256 "
+        f"checksum (changed on disk); `approxtune certify {study_file}` sets it aside and certifies it again (the same "
+        "settings give the same cache), then export again\n"
+    )
+    assert not out.exists() and not list(tmp_path.glob(".exported*"))
+
+    assert main_in(tmp_path, ["certify", str(study_file)]) == 0
+    assert main_in(tmp_path, ["export", str(study_file), "--trial", str(fp32), "--out", str(out)]) == 0
+    report = tmp_path / study.cache_path("report")
+    (report / "index.npy").write_bytes((report / "index.npy").read_bytes()[:-8])
+    capsys.readouterr()
+    assert main_in(tmp_path, ["verify", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"error: the base cache {study.cache_path('report')} is damaged: index.npy has " in err
+    assert f"`approxtune certify {study_file} --split report` sets it aside and certifies it again" in err
+    assert err.endswith("then verify again\n")
+
+
+def test_a_changed_sigma_is_refused_before_anything_is_certified_or_trained(tuned, tmp_path, capsys):
+    study_file, _, _ = _copy_of_tuned(tuned, tmp_path)
+    study_file.write_text(TINY.replace("[certify]\n", "[certify]\nsigma = 0.25\n"))
+    model = (tmp_path / "runs/tiny/model.pt").read_bytes()
+    before = sorted(p.name for p in (tmp_path / "runs/tiny").iterdir())
+    capsys.readouterr()
+    assert main_in(tmp_path, ["tune", str(study_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sigma: study has 0.5, now 0.25" in err and "machines" not in err
+    assert sorted(p.name for p in (tmp_path / "runs/tiny").iterdir()) == before, "no cache of sigma 0.25"
+    assert (tmp_path / "runs/tiny/model.pt").read_bytes() == model
+
+
+def test_search_trials_below_the_baselines_runs_baselines_only_and_says_so(tuned, tmp_path, capsys):
+    study_file, _, _ = _copy_of_tuned(tuned, tmp_path)
+    study_file.write_text(TINY.replace('name = "tiny"', 'name = "few"').replace("trials = 9", "trials = 3"))
+    capsys.readouterr()
+    assert main_in(tmp_path, ["tune", str(study_file)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "search.trials = 3 is below the 7 baselines: only baselines will run; raise search.trials" in err
+    few = optuna.load_study(study_name="few", storage=f"sqlite:///{tmp_path / 'runs/tiny/study.db'}")
+    finished = [t for t in few.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert [t.user_attrs["baseline"] for t in finished] == ["fp32", "fp16", "bf16"]
+
+
+def _tune_lines(err):
+    return [line for line in err.splitlines() if line.startswith("trial ")]
+
+
+@pytest.mark.slow
+def test_two_tunes_started_at_once_on_a_fresh_study_share_one_model_one_cache_and_the_trials(tmp_path):
+    """Before the locks, both trained and certified, and the second died with "[Errno 2] No such file or directory:
+    '...cache.partial/chunk-...tmp-<host>-<pid>.npz'" (the first removed the parts it was writing into)."""
+    study = tmp_path / "tiny.toml"
+    study.write_text(TINY)
+    procs = [_start_tune(tmp_path, study) for _ in range(2)]
+    done = [proc.communicate(timeout=600) for proc in procs]
+    errs = [err for _, err in done]
+    assert [proc.returncode for proc in procs] == [0, 0], errs
+    assert sum("train digits-cnn" in err for err in errs) == 1, "one process trained the model"
+    assert sum("certify g on 30 search inputs" in err for err in errs) == 1, "one certified the cache"
+    cache = load_study(study).cache_path("search")
+    assert sorted(f"Wrote the base cache {cache}" in err for err in errs) == [False, True]
+    assert sorted(f"Reusing the base cache {cache}" in err for err in errs) == [False, True]
+    db = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs/tiny/study.db'}")
+    states = sorted(t.state.name for t in db.trials)
+    assert states.count("COMPLETE") + states.count("PRUNED") == len(states) == 9, "exactly its trials, no other"
+    baselines = [t.user_attrs["baseline"] for t in db.trials if "baseline" in t.user_attrs]
+    assert sorted(baselines) == sorted(["fp32", "fp16", "bf16", "int8", "prune5", "prune10", "prune20"])
+    numbers = sorted(int(line.split()[1]) for err in errs for line in _tune_lines(err))
+    assert numbers == list(range(9)), "each trial ran once, in one of the two processes"
+    assert sorted(p.name for p in (tmp_path / "runs/tiny").iterdir()) == sorted(
+        ["model.pt", cache.name, "study.db", "front.png", "front.html", "front.digest"]
+    ), "no parts, locks or temporary files left"
+
+
+def test_a_cache_written_before_checksums_is_certified_again_and_its_study_goes_on(tuned, tmp_path, capsys):
+    study_file, study, cache = _copy_of_tuned(tuned, tmp_path)
+    good = {p.name: p.read_bytes() for p in cache.iterdir()}
+    meta = json.loads(good["meta.json"])
+    del meta["checksums"]
+    (cache / "meta.json").write_text(json.dumps(meta))
+    db = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs/tiny/study.db'}")
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    before = len(db.get_trials(states=finished))
+    study_file.write_text(TINY.replace("trials = 9", f"trials = {before + 1}"))
+    capsys.readouterr()
+    assert main_in(tmp_path, ["tune", str(study_file)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"Rebuilding {study.cache_path('search')}: the base cache" in err and "has no checksums" in err
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == good, "the same bytes, with checksums"
+    assert len(db.get_trials(states=finished)) == before + 1, "the study goes on with the rebuilt cache"
 
 
 def test_front_and_help_do_not_import_torch(tuned):

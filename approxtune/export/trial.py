@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from approxtune import pipeline, plots
 from approxtune.approximation import ApproximationConfig
-from approxtune.cache import CacheError, cache_fingerprint, load_cache
+from approxtune.cache import CacheDamagedError, CacheError, cache_fingerprint, load_cache
 from approxtune.export.artifacts import attach_artifacts, set_export_attrs
 from approxtune.export.certificate import (
     CERTIFICATE_FORMAT,
@@ -230,6 +230,8 @@ def export_trial(
     cache_path = study.cache_path("search")
     try:
         search_cache = load_cache(cache_path)
+    except CacheDamagedError as exc:
+        raise pipeline.damaged(study, "search", exc, ", then export again") from None
     except CacheError:
         raise ExportError(
             f"the search cache {cache_path} is missing or unreadable; it holds the base certification trial "

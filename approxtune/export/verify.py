@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from approxtune import pipeline
-from approxtune.cache import CacheError, cache_fingerprint, load_cache
+from approxtune.cache import CacheDamagedError, CacheError, cache_fingerprint, load_cache
 from approxtune.config import Study, load_study
 from approxtune.export.certificate import (
     CERTIFICATE_FORMAT,
@@ -156,6 +156,8 @@ def verify(
         path = study.cache_path("report")
         try:
             cache = load_cache(path)
+        except CacheDamagedError as exc:
+            raise pipeline.damaged(study, "report", exc, ", then verify again") from None
         except CacheError:
             raise ExportError(
                 f"the report base cache {path} is missing; the certificate was computed against it: build it with "

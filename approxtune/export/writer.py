@@ -1,7 +1,8 @@
 """Writing an export directory: the compressed weights, the deployables of the chosen runtimes, the certificate.
 
-``DIR`` is written beside itself under a temporary name and renamed into place at the end, so it is never
-half-written; an existing ``DIR`` is replaced only with ``force`` and only if it is an approxtune export.
+``DIR`` is written beside itself under a temporary name (``.DIR.tmp-<host>-<pid>``) and renamed into place at the
+end, so it is never half-written; an existing ``DIR`` is replaced only with ``force`` and only if it is an approxtune
+export.  What an export killed on this host left beside ``DIR`` is cleaned up by the next export to ``DIR``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -46,6 +48,7 @@ from approxtune.export.format import (
 from approxtune.export.onnx import write_onnx
 from approxtune.export.program import write_program
 from approxtune.export.runtimes import Runtime, load_deployable, select_runtimes
+from approxtune.locking import leftovers, remove_leftovers, temporary_name
 
 __all__ = ["ExportResult", "check_output", "export_model"]
 
@@ -86,9 +89,31 @@ def _is_export(path: Path) -> bool:
         return False
 
 
+def _hidden(final: Path) -> Path:
+    """``.<DIR>``, whose :func:`~approxtune.locking.temporary_name` an export of ``DIR`` writes beside it."""
+    return final.with_name(f".{final.name}")
+
+
+def _clean_leftovers(final: Path) -> None:
+    """Remove what exports of ``final`` killed on this host left beside it: their staging folders, and the previous
+    export they had moved aside to replace it (put back instead when ``final`` is missing: killed mid-swap).  Those
+    of live processes and of other hosts are kept."""
+    name = re.escape(_hidden(final).name)
+    for old in leftovers(final.parent, name, ("old",)):
+        if final.exists() or final.is_symlink():
+            _remove(old)
+        else:
+            os.replace(old, final)
+    remove_leftovers(final.parent, name)
+
+
 def check_output(out_dir: str | Path, force: bool) -> Path:
-    """Refuse an existing ``out_dir`` unless ``force``; even with ``force``, refuse one that is not an export."""
+    """Refuse an existing ``out_dir`` unless ``force``; even with ``force``, refuse one that is not an export.
+
+    What exports of ``out_dir`` killed on this host left beside it is cleaned up first (:func:`_clean_leftovers`).
+    """
     out_dir = Path(out_dir)
+    _clean_leftovers(out_dir)
     if out_dir.exists() or out_dir.is_symlink():
         if not force:
             raise OutputExistsError(f"output directory {out_dir} already exists; pass --force to replace it")
@@ -109,7 +134,7 @@ def _remove(path: Path) -> None:
 
 def _move_into_place(tmp: Path, final: Path) -> None:
     """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first and removed afterwards."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    old = temporary_name(_hidden(final), "old")
     _remove(old)
     if final.exists() or final.is_symlink():
         os.replace(final, old)
@@ -220,7 +245,7 @@ def export_model(
     example = _example(example_input)
     meta = {**(meta or {}), "architecture": describe_architecture(architecture), "input_shape": list(example.shape[1:])}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    tmp = temporary_name(_hidden(out_dir))
     _remove(tmp)
     tmp.mkdir()
     try:

@@ -3,9 +3,14 @@ artifact, what it says before certifying, the count of models the report set has
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
 
 import numpy as np
 import optuna
@@ -325,3 +330,46 @@ def test_export_adopts_an_old_named_search_cache(tuned, tmp_path, monkeypatch, c
     said = " ".join((captured.out + captured.err).split())
     assert f"Renamed the base cache {study.legacy_cache_path('search')}" in said, said
     assert new.is_dir() and not old.exists()
+
+
+@pytest.mark.slow
+def test_a_killed_export_leaves_its_staging_folder_and_the_next_export_removes_it(tuned, tmp_path):
+    """SIGKILL mid-export: DIR is not there, its staging folder .DIR.tmp-<host>-<pid> is; the next export to DIR
+    removes it, and leaves those of live processes and of other hosts alone."""
+    root = tuned
+    number = _trial(root, "fp32").number
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "approxtune", "export", "tiny.toml", "--trial", str(number), "--out", str(out)]
+    proc = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = tmp_path / f".killed.tmp-{socket.gethostname()}-{proc.pid}"
+    deadline = time.monotonic() + 120
+    while not (staging / "weights.bin").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (staging / "weights.bin").is_file() and not out.exists(), "killed mid-export"
+    live = tmp_path / f".killed.tmp-{socket.gethostname()}-{os.getpid()}"  # this process: alive
+    other = tmp_path / f".killed.tmp-otherhost-{proc.pid}"  # another machine's: its pid means nothing here
+    live.mkdir()
+    other.mkdir()
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert {p.name for p in out.iterdir()} == EXPORT_FILES
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, live.name, other.name])
+
+
+def test_an_export_killed_while_replacing_a_previous_one_puts_the_previous_one_back(exported, tmp_path, capsys):
+    """Killed between moving the previous export aside and moving the new one in: the next export puts it back
+    instead of deleting it (then refuses to overwrite it without --force)."""
+    root, source, _ = exported
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "replaced"
+    shutil.copytree(source, tmp_path / f".replaced.old-{socket.gethostname()}-{dead.pid}")
+    (tmp_path / f".replaced.tmp-{socket.gethostname()}-{dead.pid}").mkdir()  # the new one, half-written
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        assert run_export(root, mp, "--trial", 0, "--out", out) == 2
+    assert "already exists; pass --force to replace it" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["replaced"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in source.iterdir()}
