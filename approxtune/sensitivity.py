@@ -40,6 +40,7 @@ prediction only ranks configurations for the search; it is never reported.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -57,6 +58,7 @@ from approxtune.cache import BaseCache
 from approxtune.certification import DEFAULT_BATCH_SIZE, predict_under_noise
 from approxtune.data import Inputs
 from approxtune.irs import IRSSettings, Mode, plausible_radii
+from approxtune.locking import file_lock, temporary_name
 from approxtune.noise import Stream
 
 __all__ = [
@@ -323,21 +325,27 @@ def ensure_sensitivity(cache_path: Path, key: dict, measure_now: Callable[[], Se
     """The stored measurement of ``key`` beside the cache at ``cache_path``, or ``measure_now()`` written there
     atomically.
 
-    Returns it and whether it was measured now.  A file of another key, format or an unreadable one is measured again;
-    a folder this process may not write to (a worker reading a shared cache) keeps the new measurement in memory only.
+    Returns it and whether it was measured now.  A file of another key, format or an unreadable one is measured again.
+    Processes starting at once take turns (the lock file ``<file>.lock``), so one measures and the others read what it
+    wrote; a folder this process may not write to (a worker reading a shared cache) keeps the new measurement in memory
+    only.
     """
     path = sensitivity_path(cache_path, key)
-    try:
-        stored = Sensitivity.from_json(path.read_text())
-        if stored.key == key:
-            return stored, False
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    result = measure_now()
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(result.to_json())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-    return result, True
+    with contextlib.ExitStack() as stack:
+        with contextlib.suppress(OSError):  # a folder this process may not write to: nothing to share or lock
+            stack.enter_context(file_lock(path.with_name(f"{path.name}.lock")))
+        try:
+            stored = Sensitivity.from_json(path.read_text())
+            if stored.key == key:
+                return stored, False
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        result = measure_now()
+        tmp = temporary_name(path)
+        try:
+            tmp.write_text(result.to_json())
+            os.replace(tmp, path)
+        except OSError:  # a folder this process may not write to: kept in memory
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        return result, True

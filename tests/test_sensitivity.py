@@ -13,6 +13,7 @@ from approxtune.approximation import ApproximationConfig, LayerChoice, apply_app
 from approxtune.cache import CacheError
 from approxtune.data import Inputs
 from approxtune.irs import IRSRun
+from approxtune.locking import this_process
 from approxtune.noise import Stream, sample_noise
 from approxtune.sensitivity import Sensitivity, ensure_sensitivity, guide_positions, measure, measurement_key
 
@@ -126,6 +127,30 @@ def test_stored_beside_the_cache_reused_and_remeasured_when_the_key_changes(setu
     sensitivity.sensitivity_path(cache_path, key).write_text("{not json")
     _, fresh = ensure_sensitivity(cache_path, key, lambda: measure(model, inputs, cache, key))
     assert fresh
+
+
+def test_the_measurement_holds_a_lock_that_others_wait_on_and_leaves_no_files(setup, tmp_path):
+    *_, key, measured = setup
+    cache_path = tmp_path / "base-search.cache"
+    lock = sensitivity.sensitivity_path(cache_path, key).with_name(
+        sensitivity.sensitivity_path(cache_path, key).name + ".lock"
+    )
+    holders = []
+
+    def measure_now():
+        holders.append(lock.read_text())
+        return measured
+
+    _, fresh = ensure_sensitivity(cache_path, key, measure_now)
+    assert fresh and holders == [this_process()], "measured while holding the lock, which names this process"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [sensitivity.sensitivity_path(cache_path, key).name]
+
+
+def test_a_folder_that_cannot_be_written_keeps_the_measurement_in_memory(setup, tmp_path):
+    *_, key, measured = setup
+    (tmp_path / "a-file").write_text("")  # no folder can be made under it, whoever runs the tests (root included)
+    result, fresh = ensure_sensitivity(tmp_path / "a-file" / "base-search.cache", key, lambda: measured)
+    assert fresh and result is measured
 
 
 def test_json_round_trip(setup):
