@@ -574,8 +574,13 @@ def test_two_tunes_started_at_once_on_a_fresh_study_share_one_model_one_cache_an
     assert sorted(baselines) == sorted(["fp32", "fp16", "bf16", "int8", "prune5", "prune10", "prune20"])
     numbers = sorted(int(line.split()[1]) for err in errs for line in _tune_lines(err))
     assert numbers == list(range(9)), "each trial ran once, in one of the two processes"
-    assert sorted(p.name for p in (tmp_path / "runs/tiny").iterdir()) == sorted(
-        ["model.pt", cache.name, "study.db", "front.png", "front.html", "front.digest"]
+    assert sum("Measured the layer sensitivities" in err for err in errs) == 1, "one measured the guide's"
+    assert sum("Reusing the layer sensitivities" in err for err in errs) == 1
+    names = sorted(p.name for p in (tmp_path / "runs/tiny").iterdir())
+    sensitivities = [name for name in names if name.startswith(f"{cache.name.removesuffix('.cache')}.sensitivity-")]
+    assert len(sensitivities) == 1 and sensitivities[0].endswith(".json")
+    assert names == sorted(
+        ["model.pt", cache.name, *sensitivities, "study.db", "front.png", "front.html", "front.digest"]
     ), "no parts, locks or temporary files left"
 
 

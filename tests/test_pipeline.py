@@ -218,7 +218,7 @@ def test_every_bundled_study_loads(path: Path) -> None:
     c = study.certify
     assert (c.sigma, c.n0, c.n, c.alpha, c.device) == (0.5, 100, 10000, 0.001, "auto")
     assert study.irs.n_p == 1000 and study.irs_settings.total_alpha(c.alpha) == pytest.approx(0.002)
-    assert study.search.sampler == "nsga2" and study.search.include == ["*"] and not study.search.exclude
+    assert study.search.sampler == "guided" and study.search.include == ["*"] and not study.search.exclude
     layers = compressible_layers(build_model(arch), study.search.include)
     assert layers == compressible_layers(build_model(arch)), "every conv and linear layer is searched"
 
