@@ -52,9 +52,8 @@ def test_guide_positions_lie_beyond_every_sample_irs_replays(setup, irs):
         assert run.counts.max() == start
 
 
-def test_measure_reads_only_guide_positions(setup, monkeypatch):
-    """The measurement runs f_lc only on guide positions, and f's cached classes elsewhere do not change it."""
-    _, _, model, inputs, cache, key, measured = setup
+def _recorded_ranges(monkeypatch) -> list:
+    """The (stream, start, stop) of every noise range the measurement runs a model on, as it runs."""
     ranges = []
     original = sensitivity.predict_under_noise
 
@@ -63,6 +62,13 @@ def test_measure_reads_only_guide_positions(setup, monkeypatch):
         return original(model, x, seeds, stream, start, stop, sigma, **kwargs)
 
     monkeypatch.setattr(sensitivity, "predict_under_noise", recording)
+    return ranges
+
+
+def test_measure_reads_only_guide_positions(setup, monkeypatch):
+    """The measurement runs f_lc only on guide positions, and f's cached classes elsewhere do not change it."""
+    _, _, model, inputs, cache, key, measured = setup
+    ranges = _recorded_ranges(monkeypatch)
     scrambled = np.array(cache.predictions)
     scrambled[:, : key["start"]] = (scrambled[:, : key["start"]] + 1) % 10  # every replayable class wrong
     again = measure(model, inputs, dataclasses.replace(cache, predictions=scrambled), key)
@@ -231,14 +237,7 @@ def test_without_free_cached_samples_the_guide_draws_fresh_noise(setup, monkeypa
     study = dataclasses.replace(study, irs=dataclasses.replace(study.irs, mode="max", n_p=cache.meta.n))
     key = _key(study, cache)
     assert (key["stream"], key["start"]) == ("fresh", 0)
-    ranges = []
-    original = sensitivity.predict_under_noise
-
-    def recording(model, x, seeds, stream, start, stop, sigma, **kwargs):
-        ranges.append((stream, start, stop))
-        return original(model, x, seeds, stream, start, stop, sigma, **kwargs)
-
-    monkeypatch.setattr(sensitivity, "predict_under_noise", recording)
+    ranges = _recorded_ranges(monkeypatch)
     measured = measure(model, inputs, cache, key)
     scrambled = (np.array(cache.predictions) + 1) % 10
     again = measure(model, inputs, dataclasses.replace(cache, predictions=scrambled), key)
