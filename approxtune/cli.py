@@ -32,7 +32,7 @@ from rich.table import Table
 from approxtune.config import Study, load_study
 from approxtune.progress import Reporter
 from approxtune.storage import load_existing_study
-from approxtune.trials import feasible
+from approxtune.trials import feasible, front_files, front_files_current
 
 if TYPE_CHECKING:
     from approxtune.cache import BaseCache
@@ -203,14 +203,16 @@ def _show_front(
             document["curves"] = str(drawn)
         out.print_json(json.dumps(document))
         return
-    from approxtune import plots  # (matplotlib and plotly: not for --json)
-
     table = report.front_table(optuna_study)
     if table is None:
         out.print("No feasible complete trial yet.")
         return
     out.print(table)
-    png, html = plots.write_front(optuna_study, study.output_dir)
+    png, html = front_files(study.output_dir)
+    if not front_files_current(optuna_study, study.output_dir):
+        from approxtune import plots  # matplotlib and plotly: imported only to draw (about 0.5 s)
+
+        plots.write_front(optuna_study, study.output_dir)
     out.print(f"Plot: {png} (hover: {html.name})", highlight=False)
     if drawn is not None:
         out.print(f"Certified accuracy curves: {drawn}", highlight=False)

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,10 +17,9 @@ from optuna.trial import TrialState
 
 from approxtune.report import Curve, base_row
 from approxtune.statistics import certified_accuracy_curve
-from approxtune.trials import feasible, front
+from approxtune.trials import DIGEST_FILE, feasible, front, front_digest, front_files, front_files_current
 
 __all__ = [
-    "FRONT_FILES",
     "curves_figure",
     "front_figure",
     "front_html",
@@ -32,10 +29,6 @@ __all__ = [
     "write_front",
 ]
 
-FRONT_FILES = ("front.png", "front.html")
-"""What :func:`write_front` writes into the study's output directory."""
-DIGEST_FILE = "front.digest"
-"""Beside them: the :func:`front_digest` of the study they show."""
 LABEL_OFFSETS = ((5, 4), (5, -4), (-5, 4), (-5, -4), (0, 8), (0, -8), (9, 0), (-9, 0))
 """Where a point's label may go, in points from the point; the first that overlaps no earlier label is taken."""
 MARKER_RADII = {False: 2.5, True: 4.5}
@@ -258,25 +251,15 @@ def front_html(study: optuna.Study, path: str | Path) -> Path:
     return _write(path, lambda tmp: fig.write_html(tmp, include_plotlyjs=True, div_id="front"))
 
 
-def front_digest(study: optuna.Study) -> str:
-    """SHA-256 of everything the front plots show: the study's name and attributes and each complete trial's number,
-    values, feasibility and user attributes."""
-    trials = [(t.number, t.values, feasible(t), t.user_attrs) for t in _complete(study)]
-    text = json.dumps([study.study_name, study.user_attrs, trials], sort_keys=True, default=str)
-    return hashlib.sha256(f"{__name__} {len(FRONT_FILES)}|{text}".encode()).hexdigest()
-
-
 def write_front(study: optuna.Study, output_dir: str | Path) -> list[Path]:
-    """``front.png`` and ``front.html`` (:data:`FRONT_FILES`) in ``output_dir``, drawn again only when what they show
-    changed (:func:`front_digest`, kept in ``front.digest``): drawing both takes about a second."""
-    output_dir = Path(output_dir)
-    paths = [output_dir / name for name in FRONT_FILES]
-    digest, record = front_digest(study), output_dir / DIGEST_FILE
-    current = record.is_file() and record.read_text().strip() == digest and all(p.is_file() for p in paths)
-    if not current:
+    """``front.png`` and ``front.html`` (:data:`approxtune.trials.FRONT_FILES`) in ``output_dir``, drawn again only
+    when what they show changed (:func:`approxtune.trials.front_digest`, kept in ``front.digest``): drawing both takes
+    about a second."""
+    paths = front_files(output_dir)
+    if not front_files_current(study, output_dir):
         plot_front(study, paths[0])
         front_html(study, paths[1])
-        _write(record, lambda tmp: tmp.write_text(digest + "\n"))
+        _write(Path(output_dir) / DIGEST_FILE, lambda tmp: tmp.write_text(front_digest(study) + "\n"))
     return paths
 
 

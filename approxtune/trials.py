@@ -8,13 +8,28 @@ reading (:meth:`approxtune.search.TrialResult.to_attrs`).  Imports no torch, so 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import zlib
+from pathlib import Path
 
 import numpy as np
 import optuna
 
-__all__ = ["FINISHED", "RESULT_ATTR", "decode_radii", "encode_radii", "feasible", "front", "trial_radii"]
+__all__ = [
+    "DIGEST_FILE",
+    "FINISHED",
+    "FRONT_FILES",
+    "RESULT_ATTR",
+    "decode_radii",
+    "encode_radii",
+    "feasible",
+    "front",
+    "front_digest",
+    "front_files",
+    "front_files_current",
+    "trial_radii",
+]
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 """Trials that count towards search.trials: a trial stopped by racing was a candidate evaluated."""
@@ -61,3 +76,31 @@ def front(optuna_study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
             seen.add(config)
             unique.append(trial)
     return sorted(unique, key=lambda t: (-t.values[0], t.values[2]))
+
+
+FRONT_FILES = ("front.png", "front.html")
+"""The front's plots in a study's output directory (:func:`approxtune.plots.write_front` draws them)."""
+DIGEST_FILE = "front.digest"
+"""Beside them: the :func:`front_digest` of the study they show."""
+
+
+def front_digest(study: optuna.Study) -> str:
+    """SHA-256 of everything the front plots show: the study's name and attributes and each complete trial's number,
+    values, feasibility and user attributes."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    trials = [(t.number, t.values, feasible(t), t.user_attrs) for t in complete]
+    text = json.dumps([study.study_name, study.user_attrs, trials], sort_keys=True, default=str)
+    return hashlib.sha256(f"front plots {len(FRONT_FILES)}|{text}".encode()).hexdigest()
+
+
+def front_files(output_dir: str | Path) -> list[Path]:
+    """The paths of :data:`FRONT_FILES` in ``output_dir``."""
+    return [Path(output_dir) / name for name in FRONT_FILES]
+
+
+def front_files_current(study: optuna.Study, output_dir: str | Path) -> bool:
+    """Whether the front's plots in ``output_dir`` show the study as it is (so that nothing needs drawing, and the
+    plotting libraries need not even be imported)."""
+    record = Path(output_dir) / DIGEST_FILE
+    current = record.is_file() and record.read_text().strip() == front_digest(study)
+    return current and all(p.is_file() for p in front_files(output_dir))

@@ -603,11 +603,13 @@ def test_a_cache_written_before_checksums_is_certified_again_and_its_study_goes_
 
 
 def test_front_and_help_do_not_import_torch(tuned):
-    """`approxtune front` starts without torch (seconds to import), numpy's scipy.stats or the export's onnx."""
+    """`approxtune front` starts without torch (seconds to import), numpy's scipy.stats or the export's onnx, and
+    without the plotting libraries when its plots already show the study as it is."""
     root, study = tuned
     code = (
         "import sys; from approxtune.cli import main; code = main(['-q', 'front', sys.argv[1]]);"
-        "heavy = [m for m in ('torch', 'onnx', 'onnxruntime', 'scipy.stats', 'optuna_dashboard') if m in sys.modules];"
+        "heavy = [m for m in ('torch', 'onnx', 'onnxruntime', 'scipy.stats', 'optuna_dashboard', 'matplotlib', 'plotly')"
+        " if m in sys.modules];"
         "print(code, heavy)"
     )
     done = subprocess.run([sys.executable, "-c", code, str(study)], cwd=root, capture_output=True, text=True)

@@ -69,7 +69,7 @@ def test_infeasible_trials_are_marked_and_in_the_legend_only_when_there_are_any(
 def test_plot_front_and_the_html_are_written(tmp_path):
     study = front_study()
     png, html = plots.write_front(study, tmp_path)
-    assert (png.name, html.name) == plots.FRONT_FILES
+    assert (png.name, html.name) == trials.FRONT_FILES
     assert png.read_bytes().startswith(PNG)
     text = html.read_text()
     assert '<div id="front"' in text and "Plotly.newPlot" in text

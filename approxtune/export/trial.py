@@ -41,7 +41,7 @@ from approxtune.irs import certify_irs
 from approxtune.job import Job
 from approxtune.search import clean_accuracy
 from approxtune.storage import load_existing_study
-from approxtune.trials import front
+from approxtune.trials import front, front_files
 
 __all__ = ["TrialSelectionError", "export_trial", "select_trial"]
 
@@ -377,11 +377,11 @@ def export_trial(
         certify=certify,
     )
     result.seconds = time.perf_counter() - started
-    front_files = [study.output_dir / name for name in plots.FRONT_FILES]
-    if not all(path.is_file() for path in front_files):
+    plot_files = front_files(study.output_dir)
+    if not all(path.is_file() for path in plot_files):
         plots.write_front(optuna_study, study.output_dir)
     exported = [result.path / name for name in (CERTIFICATE, CONFIG, INDEX, PAYLOAD, *result.deployable_bytes)]
-    result.artifacts, result.not_attached = attach_artifacts(study, chosen, [*exported, *front_files])
+    result.artifacts, result.not_attached = attach_artifacts(study, chosen, [*exported, *plot_files])
     held = result.certificate["certificates"]
     set_export_attrs(
         study,
