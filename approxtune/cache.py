@@ -370,7 +370,7 @@ def _verify_file(path: Path, file: Path, recorded: object) -> None:
     """Raise :class:`CacheDamagedError` unless ``file`` has the byte count and SHA-256 ``recorded``."""
     if not file.is_file():
         raise CacheDamagedError(path, f"{file.name} is missing")
-    if not isinstance(recorded, dict) or set(recorded) != {"bytes", "sha256"}:
+    if not isinstance(recorded, dict) or set(recorded) != {"bytes", "sha256"} or type(recorded["bytes"]) is not int:
         raise CacheDamagedError(path, f"meta.json records no checksum of {file.name}")
     size = file.stat().st_size
     if size != recorded["bytes"]:

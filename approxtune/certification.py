@@ -17,7 +17,7 @@ from torch import nn
 from approxtune.noise import DEFAULT_BLOCK_SIZE, Stream, blocks, normal_blocks
 from approxtune.statistics import lower_confidence_bound, radius
 
-__all__ = ["DEFAULT_BATCH_SIZE", "CertifyResult", "certify", "class_dtype", "predict_under_noise"]
+__all__ = ["DEFAULT_BATCH_SIZE", "CertifyResult", "certify", "class_dtype", "clean_classes", "predict_under_noise"]
 
 DEFAULT_BATCH_SIZE = 512
 NOISE_CHUNK = 1 << 18
@@ -37,6 +37,18 @@ def class_dtype(num_classes: int) -> np.dtype:
         if num_classes <= np.iinfo(dtype).max + 1:
             return np.dtype(dtype)
     raise ValueError(f"too many classes: {num_classes}")
+
+
+def clean_classes(
+    model: nn.Module | Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """``model``'s class (int64) on each unperturbed input of ``x``, in batches of 1024; an ``nn.Module`` is put in
+    eval mode, any other function from a batch to logits is called as it is."""
+    if isinstance(model, nn.Module):
+        model.eval()
+    with torch.inference_mode():
+        chunks = [model(x[i : i + 1024].to(device)).argmax(1).cpu() for i in range(0, len(x), 1024)]
+    return torch.cat(chunks).numpy().astype(np.int64) if chunks else np.zeros(0, np.int64)
 
 
 def _per_input(value: int | np.ndarray, count: int, name: str) -> np.ndarray:

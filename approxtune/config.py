@@ -469,6 +469,8 @@ def _validate(s: Study) -> None:
     )
     _require(bool(q.prune), "search.prune must list at least one pruning amount (0.0 for none)")
     _require(all(0 <= p < 1 for p in q.prune), f"search.prune amounts must lie in [0, 1), got {q.prune}")
+    for key, values in (("search.precisions", q.precisions), ("search.prune", q.prune)):
+        _require(len(set(values)) == len(values), f"{key} lists a value twice ({values}): list each choice once")
     k = q.constraints
     _require(0 <= k.max_accuracy_drop <= 1, "search.constraints.max_accuracy_drop must lie in [0, 1]")
     _require(0 < k.max_size_ratio <= 1, "search.constraints.max_size_ratio must lie in (0, 1]")

@@ -51,6 +51,7 @@ from approxtune.sensitivity import (
     measurement_key,
     single_choices,
 )
+from approxtune.trials import dominates, feasible
 
 __all__ = ["Guide", "GuidedSampler", "build_guide", "guide_variants"]
 
@@ -211,10 +212,7 @@ class Guide:
 
 
 def _front(observed: list[tuple[Key, tuple[float, float, int]]]) -> list[tuple[Key, tuple[float, float, int]]]:
-    def dominated(v, w) -> bool:
-        return w[0] >= v[0] and w[1] >= v[1] and w[2] <= v[2] and tuple(w) != tuple(v)
-
-    return [(k, v) for k, v in observed if not any(dominated(v, w) for _, w in observed)]
+    return [(k, v) for k, v in observed if not any(dominates(w, v) for _, w in observed)]
 
 
 def _around(guide: Guide, front: list[tuple[Key, tuple[float, float, int]]]) -> list[Key]:
@@ -250,7 +248,7 @@ class GuidedSampler(optuna.samplers.BaseSampler):
                 choosing += t.state == TrialState.RUNNING and t.number < trial.number
                 continue
             taken.add(key)
-            if t.state == TrialState.COMPLETE and all(v <= 0 for v in t.constraints.values()):
+            if t.state == TrialState.COMPLETE and feasible(t):
                 observed.append((key, tuple(t.values)))
         return self.guide.params(self.guide.propose(observed, taken, self._rng, skip=choosing))
 

@@ -165,6 +165,8 @@ def _acquire(path: Path, shared: bool, say: Callable[[str], None] | None, what: 
                 fcntl.flock(fd, mode)
         except OSError as exc:
             os.close(fd)
+            if exc.errno == errno.ESTALE:  # the file was removed on another NFS client while we waited: lock anew
+                continue
             if exc.errno not in _NO_LOCKS:
                 raise
             if say is not None:
@@ -172,7 +174,10 @@ def _acquire(path: Path, shared: bool, say: Callable[[str], None] | None, what: 
             return None
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
+        except OSError as exc:  # removed by its holder (here, or on another NFS client: a stale handle)
+            if exc.errno not in (errno.ENOENT, errno.ESTALE):
+                os.close(fd)
+                raise
             same = False
         if same:
             break

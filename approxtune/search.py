@@ -68,13 +68,14 @@ from approxtune.approximation import (
     model_size_bytes,
 )
 from approxtune.cache import BaseCache, CacheMeta, cache_fingerprint
+from approxtune.certification import clean_classes
 from approxtune.config import Study
 from approxtune.data import Inputs
 from approxtune.errors import ApproxtuneError
 from approxtune.guided import Guide, GuidedSampler
 from approxtune.irs import IRSRun
 from approxtune.storage import is_shared_storage, load_existing_study, masked_url, study_storage, worker_id
-from approxtune.trials import RESULT_ATTR, decode_radii, encode_radii, feasible
+from approxtune.trials import RESULT_ATTR, decode_radii, dominates, encode_radii, feasible
 
 __all__ = [
     "OBJECTIVES",
@@ -107,14 +108,7 @@ def clean_accuracy(
 ) -> float:
     """Accuracy of ``model`` (a module, put in eval mode, or any function from a batch to logits) on the unperturbed
     inputs: the exact count of correct ones over their number (float64)."""
-    if isinstance(model, nn.Module):
-        model.eval()
-    correct = 0
-    with torch.inference_mode():
-        for i in range(0, len(inputs), 1024):
-            predicted = model(inputs.x[i : i + 1024].to(device)).argmax(1).cpu()
-            correct += int((predicted == inputs.y[i : i + 1024]).sum())
-    return correct / len(inputs)
+    return int((clean_classes(model, inputs.x, device) == inputs.y.numpy()).sum()) / len(inputs)
 
 
 Values = tuple[float, float, int]
@@ -201,11 +195,6 @@ class TrialResult:
 
 Race = Callable[[Values], str | None]
 """Given a candidate's best reachable values, the reason to stop it now (dominated, infeasible), or None."""
-
-
-def dominates(a: Values, b: Values) -> bool:
-    """Whether ``a`` Pareto-dominates ``b``: ACR and accuracy at least as high, size at most as large, not equal."""
-    return a[0] >= b[0] and a[1] >= b[1] and a[2] <= b[2] and tuple(a) != tuple(b)
 
 
 class Stopped(Exception):

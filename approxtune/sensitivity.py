@@ -40,10 +40,10 @@ prediction only ranks configurations for the search; it is never reported.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -55,10 +55,10 @@ from torch import nn
 
 from approxtune.approximation import ApproximationConfig, LayerChoice, apply_approximation
 from approxtune.cache import BaseCache
-from approxtune.certification import DEFAULT_BATCH_SIZE, predict_under_noise
+from approxtune.certification import DEFAULT_BATCH_SIZE, clean_classes, predict_under_noise
 from approxtune.data import Inputs
 from approxtune.irs import IRSSettings, Mode, plausible_radii
-from approxtune.locking import file_lock, temporary_name
+from approxtune.locking import file_lock, remove_leftovers, temporary_name
 from approxtune.noise import Stream
 
 __all__ = [
@@ -86,12 +86,6 @@ def guide_positions(settings: IRSSettings, n: int, samples: int) -> tuple[Stream
     n_tail`` in tail mode, ``n_p`` otherwise -- when they fit in the cache's ``n``, else ``(FRESH, 0)``."""
     start = n - settings.tail_length(n) if settings.mode is Mode.TAIL else settings.n_p
     return (Stream.ESTIMATION, start) if start + samples <= n else (Stream.FRESH, 0)
-
-
-def _clean_classes(model: nn.Module, x: torch.Tensor, device: torch.device | str) -> np.ndarray:
-    with torch.inference_mode():
-        chunks = [model.eval()(x[i : i + 1024].to(device)).argmax(1).cpu() for i in range(0, len(x), 1024)]
-    return torch.cat(chunks).numpy().astype(np.int64) if chunks else np.zeros(0, np.int64)
 
 
 @dataclass(frozen=True)
@@ -288,7 +282,7 @@ def measure(
     rows, f_hit = labelled[keep], f_guide[keep, :m]
     c_hat = cache.c_hat[rows, None]
     x_rows = x[torch.as_tensor(rows, dtype=torch.long)]
-    base_clean = _clean_classes(model, x, device)
+    base_clean = clean_classes(model, x, device)
     lost, clean = {}, {}
     for name in key["layers"]:
         for precision, amount in key["choices"]:
@@ -298,7 +292,7 @@ def measure(
                 approx, x_rows, cache.seed[rows], stream, start, start + m, cache.meta.sigma, **kwargs
             )
             lost[(name, choice)] = f_hit & (preds != c_hat)
-            clean[(name, choice)] = _clean_classes(approx, x, device)
+            clean[(name, choice)] = clean_classes(approx, x, device)
             if progress is not None:
                 progress(1)
     variants = len(key["layers"]) * len(key["choices"])
@@ -323,29 +317,23 @@ def sensitivity_path(cache_path: Path, key: dict) -> Path:
 
 def ensure_sensitivity(cache_path: Path, key: dict, measure_now: Callable[[], Sensitivity]) -> tuple[Sensitivity, bool]:
     """The stored measurement of ``key`` beside the cache at ``cache_path``, or ``measure_now()`` written there
-    atomically.
+    atomically; and whether it was measured now.
 
-    Returns it and whether it was measured now.  A file of another key, format or an unreadable one is measured again.
-    Processes starting at once take turns (the lock file ``<file>.lock``), so one measures and the others read what it
-    wrote; a folder this process may not write to (a worker reading a shared cache) keeps the new measurement in memory
-    only.
+    A file of another key or format, or an unreadable one, is measured again.  Processes starting at once take turns
+    (the lock file ``<file>.lock``), so one measures and the others read what it wrote; what a killed measurement left
+    is removed.
     """
     path = sensitivity_path(cache_path, key)
-    with contextlib.ExitStack() as stack:
-        with contextlib.suppress(OSError):  # a folder this process may not write to: nothing to share or lock
-            stack.enter_context(file_lock(path.with_name(f"{path.name}.lock")))
+    with file_lock(path.with_name(f"{path.name}.lock")):
+        remove_leftovers(path.parent, re.escape(path.name))
         try:
             stored = Sensitivity.from_json(path.read_text())
             if stored.key == key:
                 return stored, False
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):  # measured again
             pass
         result = measure_now()
         tmp = temporary_name(path)
-        try:
-            tmp.write_text(result.to_json())
-            os.replace(tmp, path)
-        except OSError:  # a folder this process may not write to: kept in memory
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        tmp.write_text(result.to_json())
+        os.replace(tmp, path)
         return result, True

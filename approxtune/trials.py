@@ -22,6 +22,7 @@ __all__ = [
     "FRONT_FILES",
     "RESULT_ATTR",
     "decode_radii",
+    "dominates",
     "encode_radii",
     "feasible",
     "front",
@@ -37,6 +38,12 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 RESULT_ATTR = "approxtune:result"
 """Trial system attribute holding a complete trial's exact result and its per-input radii
 (:meth:`approxtune.search.TrialResult.record`)."""
+
+
+def dominates(a: tuple, b: tuple) -> bool:
+    """Whether values ``a`` Pareto-dominate ``b`` (ACR, accuracy, size): ACR and accuracy at least as high, size at
+    most as large, not equal."""
+    return a[0] >= b[0] and a[1] >= b[1] and a[2] <= b[2] and tuple(a) != tuple(b)
 
 
 def encode_radii(radii: np.ndarray) -> str:

@@ -397,6 +397,13 @@ def _truncate(file: Path) -> None:
     file.write_bytes(file.read_bytes()[:-7])
 
 
+def _edit_meta(cache: Path, change) -> None:
+    """Change the parsed ``meta.json`` of ``cache`` in place with ``change(meta)``, written back as JSON."""
+    meta = json.loads((cache / "meta.json").read_text())
+    change(meta)
+    (cache / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
 DAMAGE = {
     "truncated predictions": (
         lambda c: _truncate(c / "predictions.npy"),
@@ -425,6 +432,10 @@ DAMAGE = {
     "a key renamed": (
         lambda c: (c / "meta.json").write_text((c / "meta.json").read_text().replace('"seed"', '"sead"')),
         r"meta\.json has keys .*'sead'.*, expected",
+    ),
+    "a byte count as text": (
+        lambda c: _edit_meta(c, lambda meta: meta["checksums"]["label.npy"].update(bytes="208")),
+        r"meta\.json records no checksum of label\.npy",
     ),
     "a checksum dropped": (
         lambda c: (c / "meta.json").write_text((c / "meta.json").read_text().replace('"label.npy"', '"lbl.npy"')),

@@ -608,8 +608,8 @@ def test_front_and_help_do_not_import_torch(tuned):
     root, study = tuned
     code = (
         "import sys; from approxtune.cli import main; code = main(['-q', 'front', sys.argv[1]]);"
-        "heavy = [m for m in ('torch', 'onnx', 'onnxruntime', 'scipy.stats', 'optuna_dashboard', 'matplotlib', 'plotly')"
-        " if m in sys.modules];"
+        "heavy = [m for m in ('torch', 'onnx', 'onnxruntime', 'scipy.stats', 'optuna_dashboard', 'matplotlib',"
+        " 'plotly') if m in sys.modules];"
         "print(code, heavy)"
     )
     done = subprocess.run([sys.executable, "-c", code, str(study)], cwd=root, capture_output=True, text=True)

@@ -111,6 +111,8 @@ def test_digits_variants_differ_only_in_sigma():
         ("[irs]\nmode = 'tail'\npilot = 400", "pilot = 400 must be below n_p = 400"),
         ("[search]\nrace = [0.5, 0.25]", "search.race must list increasing fractions"),
         ("[search]\nrace = [1.0]", "search.race must list increasing fractions"),
+        ("[search]\nprune = [0.0, 0.1, 0.1]", r"search.prune lists a value twice \(\[0.0, 0.1, 0.1\]\): list each"),
+        ("[search]\nprecisions = ['int8', 'int8']", r"search.precisions lists a value twice \(\['int8', 'int8'\]\)"),
         ("[search]\nguide_samples = 0", r"search.guide_samples must lie in \[1, certify.n = 10000\], got 0"),
         ("[search]\nguide_samples = 10001", r"search.guide_samples must lie in \[1, certify.n = 10000\], got 10001"),
         ("[certify]\nsigma = inf", r"certify.sigma must be a finite number, got inf"),

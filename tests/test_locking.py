@@ -1,5 +1,6 @@
 """File locks between processes (exclusive, shared, released by a kill), and the temporary names of dead processes."""
 
+import errno
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import time
 
 import pytest
 
+from approxtune import locking
 from approxtune.locking import (
     file_lock,
     holder_gone,
@@ -163,3 +165,19 @@ def test_names_and_liveness():
     assert temporary_name("/x/model.pt").name == f"model.pt.tmp-{tag.replace(':', '-')}"
     assert temporary_name("/x/c-1.npz").name == f"c-1.tmp-{tag.replace(':', '-')}.npz", "np.savez keeps .npz"
     assert temporary_name("/x/.out", "old").name == f".out.old-{tag.replace(':', '-')}"
+
+
+def test_a_stale_nfs_handle_of_a_removed_lock_file_is_locked_anew(tmp_path, monkeypatch):
+    """On NFS, a waiter whose lock file another client removed gets ESTALE: it locks the current file instead."""
+    real_fstat, calls = os.fstat, []
+
+    def stale_once(fd):
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.ESTALE, "Stale file handle")
+        return real_fstat(fd)
+
+    monkeypatch.setattr(locking.os, "fstat", stale_once)
+    with file_lock(tmp_path / "x.lock"):
+        assert (tmp_path / "x.lock").read_text() == this_process()
+    assert len(calls) == 2 and not (tmp_path / "x.lock").exists()
