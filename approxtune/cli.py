@@ -32,7 +32,7 @@ from rich.table import Table
 from approxtune.config import Study, load_study
 from approxtune.progress import Reporter
 from approxtune.storage import load_existing_study
-from approxtune.trials import feasible, front_files, front_files_current
+from approxtune.trials import feasible, front_digest, front_files, front_files_current
 
 if TYPE_CHECKING:
     from approxtune.cache import BaseCache
@@ -209,7 +209,7 @@ def _show_front(
         return
     out.print(table)
     png, html = front_files(study.output_dir)
-    if not front_files_current(optuna_study, study.output_dir):
+    if not front_files_current(study.output_dir, front_digest(optuna_study)):
         from approxtune import plots  # matplotlib and plotly: imported only to draw (about 0.5 s)
 
         plots.write_front(optuna_study, study.output_dir)

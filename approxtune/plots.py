@@ -256,10 +256,11 @@ def write_front(study: optuna.Study, output_dir: str | Path) -> list[Path]:
     when what they show changed (:func:`approxtune.trials.front_digest`, kept in ``front.digest``): drawing both takes
     about a second."""
     paths = front_files(output_dir)
-    if not front_files_current(study, output_dir):
+    digest = front_digest(study)
+    if not front_files_current(output_dir, digest):
         plot_front(study, paths[0])
         front_html(study, paths[1])
-        _write(Path(output_dir) / DIGEST_FILE, lambda tmp: tmp.write_text(front_digest(study) + "\n"))
+        _write(Path(output_dir) / DIGEST_FILE, lambda tmp: tmp.write_text(digest + "\n"))
     return paths
 
 

@@ -105,9 +105,9 @@ def front_files(output_dir: str | Path) -> list[Path]:
     return [Path(output_dir) / name for name in FRONT_FILES]
 
 
-def front_files_current(study: optuna.Study, output_dir: str | Path) -> bool:
-    """Whether the front's plots in ``output_dir`` show the study as it is (so that nothing needs drawing, and the
-    plotting libraries need not even be imported)."""
+def front_files_current(output_dir: str | Path, digest: str) -> bool:
+    """Whether the front's plots in ``output_dir`` show the study whose :func:`front_digest` is ``digest`` (so that
+    nothing needs drawing, and the plotting libraries need not even be imported)."""
     record = Path(output_dir) / DIGEST_FILE
-    current = record.is_file() and record.read_text().strip() == front_digest(study)
+    current = record.is_file() and record.read_text().strip() == digest
     return current and all(p.is_file() for p in front_files(output_dir))
